@@ -1,0 +1,149 @@
+"""The eight DeiT variants and their pretrained metadata: the single source of truth.
+
+Every other part of the package (constructors, timm ``pretrained_cfg``, torch.hub, weight downloads, the CLI)
+reads this table::
+
+    from deit_registry.variants import VARIANTS
+    v = VARIANTS["deit_small_distilled_patch16_224"]
+    v.arch.embed_dim, v.weights.url, v.weights.top1, v.weights.eval_resize   # 384, 'https://...', 81.2, 256
+
+This module imports nothing heavy (no torch), so listing models stays instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+
+OFFICIAL_URL_ROOT = "https://dl.fbaipublicfiles.com/deit/"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PAPER = "Touvron et al., Training data-efficient image transformers & distillation through attention, ICML 2021"
+PAPER_URL = "https://arxiv.org/abs/2012.12877"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The shape of a DeiT: everything :class:`deit_registry.architecture.DeiT` needs besides options."""
+
+    embed_dim: int
+    num_heads: int
+    img_size: int
+    distilled: bool
+    depth: int = 12
+    patch_size: int = 16
+    mlp_ratio: float = 4.0
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """Where a variant's ImageNet-1k weights come from and how they were evaluated.
+
+    ``crop_pct`` 0.875 is the official evaluation (resize the shorter side to ``int(size / 0.875)`` with
+    bicubic interpolation, centre-crop ``size``): the published accuracies were measured that way.
+    """
+
+    file_name: str
+    hf_hub_id: str
+    transformers_id: str
+    top1: float
+    top5: float
+    input_size: tuple[int, int, int]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+    num_classes: int = 1000
+    license: str = "apache-2.0"
+    tag: str = "fb_in1k"
+    hf_hub_filename: str = "model.safetensors"
+
+    @property
+    def url(self) -> str:
+        """The official checkpoint on Meta's CDN."""
+        return OFFICIAL_URL_ROOT + self.file_name
+
+    @property
+    def sha256_prefix(self) -> str:
+        """The first 8 hex digits of the official file's sha256 (torch.hub's ``check_hash`` convention)."""
+        return self.file_name.rsplit("-", 1)[1].split(".")[0]
+
+    @property
+    def eval_resize(self) -> int:
+        """Shorter-side resize of the evaluation transform: 256 for 224 models, 438 for 384."""
+        return int(self.input_size[-1] / self.crop_pct)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The 1000 ImageNet-1k class names in label order."""
+        return imagenet_class_names()
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One named DeiT: architecture, pretrained weights and their cost."""
+
+    name: str
+    arch: Architecture
+    weights: PretrainedWeights
+    num_params: int
+    gflops: float  # multiply-accumulates at the native resolution, 1000 classes (the paper's "FLOPs")
+    paper: str = field(default=PAPER)
+
+    @property
+    def default_head(self) -> str:
+        return "distilled" if self.arch.distilled else "classifier"
+
+
+@cache
+def imagenet_class_names() -> tuple[str, ...]:
+    """The ImageNet-1k class names, index = label."""
+    text = resources.files(__package__).joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    return tuple(line for line in text.splitlines() if line)
+
+
+def _variant(
+    size: str,
+    res: int,
+    distilled: bool,
+    sha8: str,
+    num_params: int,
+    gflops: float,
+    top1: float,
+    top5: float,
+) -> Variant:
+    width, heads = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}[size]
+    kind = "distilled_" if distilled else ""
+    name = f"deit_{size}_{kind}patch16_{res}"
+    hf_kind = "distilled-" if distilled else ""
+    return Variant(
+        name=name,
+        arch=Architecture(embed_dim=width, num_heads=heads, img_size=res, distilled=distilled),
+        weights=PretrainedWeights(
+            file_name=f"{name}-{sha8}.pth",
+            hf_hub_id=f"timm/{name}.fb_in1k",
+            transformers_id=f"facebook/deit-{size}-{hf_kind}patch16-{res}",
+            top1=top1,
+            top5=top5,
+            input_size=(3, res, res),
+        ),
+        num_params=num_params,
+        gflops=gflops,
+    )
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        _variant("tiny", 224, False, "a1311bcf", 5_717_416, 1.25, 72.2, 91.1),
+        _variant("small", 224, False, "cd65a155", 22_050_664, 4.60, 79.9, 95.0),
+        _variant("base", 224, False, "b5f2ef4d", 86_567_656, 17.56, 81.8, 95.6),
+        _variant("base", 384, False, "8de9b5d1", 86_859_496, 55.48, 82.9, 96.2),
+        _variant("tiny", 224, True, "b40b3cf7", 5_910_800, 1.26, 74.5, 91.9),
+        _variant("small", 224, True, "649709d9", 22_436_432, 4.62, 81.2, 95.4),
+        _variant("base", 224, True, "df68dfff", 87_338_192, 17.66, 83.4, 96.5),
+        _variant("base", 384, True, "d0272ac0", 87_630_032, 55.59, 85.2, 97.2),
+    )
+}
