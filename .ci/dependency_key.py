@@ -6,8 +6,9 @@ so the cached environment is rebuilt exactly when the dependency list changes.
 
 import hashlib
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
 requirements = sorted(project["dependencies"] + project["optional-dependencies"]["test"])

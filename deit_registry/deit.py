@@ -23,9 +23,17 @@ def build_deit(name: str, pretrained: bool = False, **kwargs: Any) -> DeiT:
     With ``pretrained=True`` the keyword ``weights`` may name another source (a local file or folder, a URL,
     ``hf-hub:owner/repo``); see :func:`deit_registry.weights.load_pretrained`.
     """
+    from .timm_adapter import TIMM_KEYWORDS  # stdlib-only module; timm itself is imported only if needed
+
+    if not TIMM_KEYWORDS.isdisjoint(kwargs):  # called by timm.create_model, or with its options
+        from .timm_adapter import build_timm_model
+
+        return build_timm_model(name, pretrained, **kwargs)
     variant = VARIANTS[name]
     arch = variant.arch
     weights_source = kwargs.pop("weights", None)
+    # Loader options of deit_registry.weights.load_pretrained (not DeiT arguments).
+    load_options = {k: kwargs.pop(k) for k in ("progress", "ema", "convert_distillation") if k in kwargs}
     options: dict[str, Any] = dict(
         img_size=arch.img_size,
         patch_size=arch.patch_size,
@@ -38,12 +46,14 @@ def build_deit(name: str, pretrained: bool = False, **kwargs: Any) -> DeiT:
     )
     options.update(kwargs)
     if not pretrained:
-        if weights_source is not None:
-            raise ValueError("weights= names a checkpoint to load; pass pretrained=True as well")
+        if weights_source is not None or load_options:
+            raise ValueError(
+                "weights=, ema=, convert_distillation= and progress= need pretrained=True as well"
+            )
         return DeiT(**options)
     from .weights import load_pretrained  # weights pull in safetensors/huggingface_hub: only when asked
 
-    return load_pretrained(variant, options, source=weights_source)
+    return load_pretrained(variant, options, source=weights_source, **load_options)
 
 
 def deit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> DeiT:

@@ -23,3 +23,40 @@ class UnknownModelError(DeiTRegistryError, ValueError):
 
 class ModelImportError(DeiTRegistryError, ImportError):
     """A model published through an entry point could not be imported."""
+
+
+class WeightsError(DeiTRegistryError):
+    """Base class of every error raised while finding, downloading, reading or loading weights
+    (:mod:`deit_registry.weights`). Each message names the file or source, what was wrong and what to do."""
+
+
+class CheckpointNotFoundError(WeightsError, FileNotFoundError):
+    """A local checkpoint path does not exist, or a folder / hub repository holds no weights file."""
+
+
+class DownloadError(WeightsError, OSError):
+    """An HTTP error, an unreachable server or a connection dropped mid-download (nothing is left cached)."""
+
+
+class HashMismatchError(WeightsError):
+    """A downloaded file's sha256 does not start with the hash in its name (the file is deleted)."""
+
+
+class OfflineError(WeightsError):
+    """Offline mode (``HF_HUB_OFFLINE=1`` or ``DEIT_REGISTRY_OFFLINE=1``) and the weights are not cached."""
+
+
+class CorruptCheckpointError(WeightsError):
+    """A file that is truncated, damaged or in no format deit_registry reads."""
+
+
+class UnsafeCheckpointError(WeightsError):
+    """A pickle that would have to run code (or build arbitrary objects) to load; it is refused unexecuted."""
+
+
+class CheckpointMismatchError(WeightsError):
+    """The checkpoint does not fit the model: another variant (shape mismatch), missing or unexpected keys."""
+
+
+class DistillationMismatchError(CheckpointMismatchError):
+    """Distilled weights into a plain model or the reverse, without ``convert_distillation=True``."""

@@ -19,7 +19,9 @@ from importlib import resources
 OFFICIAL_URL_ROOT = "https://dl.fbaipublicfiles.com/deit/"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PAPER = "Touvron et al., Training data-efficient image transformers & distillation through attention, ICML 2021"
+PAPER = (
+    "Touvron et al., Training data-efficient image transformers & distillation through attention, ICML 2021"
+)
 PAPER_URL = "https://arxiv.org/abs/2012.12877"
 
 
