@@ -15,6 +15,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from . import timm_hook as _timm_hook
 from .errors import DeiTRegistryError, ModelImportError, UnknownModelError
 from .registry import (
     create_model,
@@ -29,6 +30,9 @@ from .variants import VARIANTS, Architecture, PretrainedWeights, Variant
 
 __version__ = "0.1.0"
 
+# timm.create_model("deit_*") builds our models: registers now if timm is imported, else when it is.
+_timm_hook.install()
+
 # name -> submodule that defines it; imported on first access.
 _LAZY = {
     "DeiT": "architecture",
@@ -38,6 +42,16 @@ _LAZY = {
     "HeadModules": "heads",
     "HeadSpec": "heads",
     "MaskedImageModelingHead": "heads",
+    "optimize_for_inference": "fast",
+    "register_entry_points": "timm_adapter",
+    "FeaturePyramid": "pyramid",
+    "eval_transform": "transforms",
+    "attention_maps": "inspection",
+    "class_token_heatmaps": "inspection",
+    "DistillationLoss": "training",
+    "param_groups_layer_decay": "training",
+    "freeze": "training",
+    "unfreeze": "training",
     "deit_tiny_patch16_224": "deit",
     "deit_small_patch16_224": "deit",
     "deit_base_patch16_224": "deit",
@@ -91,4 +105,10 @@ if TYPE_CHECKING:
         deit_tiny_distilled_patch16_224,
         deit_tiny_patch16_224,
     )
+    from .fast import optimize_for_inference
     from .heads import HeadModules, HeadSpec, MaskedImageModelingHead, list_heads, register_head
+    from .inspection import attention_maps, class_token_heatmaps
+    from .pyramid import FeaturePyramid
+    from .timm_adapter import register_entry_points
+    from .training import DistillationLoss, freeze, param_groups_layer_decay, unfreeze
+    from .transforms import eval_transform

@@ -53,6 +53,12 @@ def resample_pos_embed(
     return torch.cat([prefix, grid], dim=1)
 
 
+@torch.jit.unused
+def _is_fx_proxy(x: torch.Tensor) -> bool:
+    """torch.fx traces every optional argument as a Proxy: an absent mask is then not a mask to apply."""
+    return isinstance(x, torch.fx.Proxy)
+
+
 def feature_take_indices(num_blocks: int, indices: int | list[int] | tuple[int, ...] | None) -> tuple[list[int], int]:
     """timm's convention: ``None`` takes every block, an int ``n`` the last ``n``, a list those (negatives from
     the end). Returns the absolute indices and the largest one."""
@@ -320,7 +326,7 @@ class DeiT(nn.Module):
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # cpu: works under meta too
         self.blocks = nn.Sequential(
             *[
                 Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, rates[i], norm_eps)
@@ -384,21 +390,22 @@ class DeiT(nn.Module):
             kind = "none"
         if kind == "distilled" and self.global_pool != "token":
             kind = "classifier"
-        device = self.cls_token.device
+        device, dtype = self.cls_token.device, self.cls_token.dtype
         self._set_head(kind, num_classes)
-        self.head.to(device)
-        if self.head_dist is not None:
-            self.head_dist.to(device)
+        for new in (self.head, self.head_dist):  # match the model: device, dtype, train/eval mode
+            if new is not None:
+                new.to(device=device, dtype=dtype).train(self.training)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that optimisers should not decay (timm's convention)."""
         return {"pos_embed", "cls_token", "dist_token", "mask_token"}
 
     def group_matcher(self, coarse: bool = False) -> dict[str, object]:
-        """Parameter groups for layer-wise learning-rate decay (timm's format)."""
+        """Parameter groups for layer-wise learning-rate decay (timm's format; the final norm joins the last
+        block in both modes, as in timm's ViT and DeiT)."""
         return dict(
             stem=r"^cls_token|^pos_embed|^patch_embed|^dist_token|^mask_token",
-            blocks=r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
         )
 
     def set_input_size(self, img_size: IntOrPair) -> None:
@@ -406,7 +413,7 @@ class DeiT(nn.Module):
         old_grid = self.patch_embed.grid_size
         self.patch_embed.set_input_size(img_size)
         new = resample_pos_embed(self.pos_embed.data, self.patch_embed.grid_size, old_grid, self.num_prefix_tokens)
-        self.pos_embed = nn.Parameter(new)
+        self.pos_embed = nn.Parameter(new, requires_grad=self.pos_embed.requires_grad)  # frozen stays frozen
 
     # ----------------------------------------------------------------------------------------- forward
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -422,7 +429,7 @@ class DeiT(nn.Module):
     def _embed(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
         grid = self.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
         x = self.patch_embed(x)
-        if bool_masked_pos is not None:
+        if bool_masked_pos is not None and (torch.jit.is_scripting() or not _is_fx_proxy(bool_masked_pos)):
             if self.mask_token is None:
                 raise ValueError("bool_masked_pos needs a model built with head='mim' (it owns the mask token)")
             mask = bool_masked_pos.reshape(x.shape[0], -1, 1).to(x.dtype)
@@ -549,14 +556,21 @@ class DeiT(nn.Module):
         reshape: bool = False,
         return_prefix_tokens: bool = False,
         norm: bool = False,
+        return_class_token: bool = False,
     ) -> tuple:
-        """DINO-style access: the last ``n`` blocks (or blocks ``n``), as tokens or ``reshape``-d maps."""
+        """DINO-style access: the last ``n`` blocks (or blocks ``n``), as tokens or ``reshape``-d maps.
+
+        ``return_prefix_tokens`` pairs each with its prefix tokens ``[B, prefix, D]`` (timm);
+        ``return_class_token`` with the class token alone, ``[B, D]`` (DINOv2's spelling).
+        """
         out = self.forward_intermediates(
             x,
             n,
-            return_prefix_tokens=return_prefix_tokens,
+            return_prefix_tokens=return_prefix_tokens or return_class_token,
             norm=norm,
             output_fmt="NCHW" if reshape else "NLC",
             intermediates_only=True,
         )
+        if return_class_token and not return_prefix_tokens:
+            return tuple((y, prefix[:, 0]) for y, prefix in out)
         return tuple(out)

@@ -1,0 +1,275 @@
+"""Inference speed of deit-registry's DeiT against timm's same-named model, with identical weights.
+
+::
+
+    python benchmarks/inference.py                                  # tiny + small distilled, batch 1 and 32
+    python benchmarks/inference.py --variants deit_base_patch16_224 --batch-sizes 8 --modes fast --repeats 9
+
+For each variant, timm's model is created with random weights and its state_dict loaded into ours with
+``strict=True`` (the fp32 outputs are checked to agree). Modes:
+
+* ``exact``: our default fp32 model against timm's fp32 model, both eager.
+* ``fast``: ``deit_registry.fast.optimize_for_inference(model)`` (bf16 + torch.compile here) against timm's
+  model with its weights cast to bf16 (the same dtype our fast mode picked).
+* ``fast-fp32``: ``optimize_for_inference(model, dtype=torch.float32)`` against timm's fp32 model.
+
+Ours and timm's run alternately in one process (the machine may be shared: only ratios within a run mean
+much); every figure is a median over ``--repeats`` samples. Achieved GFLOP/s counts 2 x the variant's GMACs per
+image and is divided by the machine's matmul rate in the mode's dtype: a 4096^3 matmul timed in the same
+rotation as the two models (and once at the start, for the header). Peak memory is the tensor memory allocated during one forward (torch.profiler), weights
+excluded. For ``fast`` the run also checks accuracy against fp32 on fixed inputs (see ``quality_check``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import deit_registry as dr
+from deit_registry.fast import optimize_for_inference
+from deit_registry.variants import VARIANTS
+
+MODES = ("exact", "fast", "fast-fp32")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+MATMUL_N = 4096
+
+
+def matmul_fn(dtype: torch.dtype, n: int = MATMUL_N) -> Callable[[], object]:
+    """One n x n x n matmul in ``dtype`` (2 n^3 FLOP): the machine's matrix rate."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return lambda: a @ b
+
+
+def matmul_rate(dtype: torch.dtype, repeats: int) -> float:
+    """Median GFLOP/s of a 4096^3 matmul in ``dtype`` on this CPU."""
+    samples = timed_alternately({"mm": matmul_fn(dtype)}, repeats)["mm"]
+    return 2 * MATMUL_N**3 / statistics.median(samples) / 1e9
+
+
+def peak_forward_memory(fn: Callable[[], object]) -> float:
+    """MiB of tensor memory live at the peak of one call, above what was live before it (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def timed_alternately(
+    fns: dict[str, Callable[[], object]], repeats: int, target_s: float = 0.3
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, sampled in turn ``repeats`` times (each sample >= ``target_s``)."""
+    inner = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        inner[name] = max(1, round(target_s / max(time.perf_counter() - start, 1e-6)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / inner[name])
+    return samples
+
+
+class PrototypeProbe(nn.Module):
+    """A model plus a nearest-prototype classifier on its pre-logit features: returns (features, logits).
+
+    Equivalent to the model with its classifier head(s) replaced by this linear layer (for distilled models
+    both heads get it, and the mean of the two equals the layer applied to the pre-logit mean).
+    """
+
+    def __init__(self, model: nn.Module, classifier: nn.Linear) -> None:
+        super().__init__()
+        self.model, self.classifier = model, classifier
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return features, self.classifier(features)
+
+
+def fixed_inputs(n: int, size: int) -> torch.Tensor:
+    """``n`` smooth synthetic images (bicubic-upsampled 14x14 noise), the same on every run."""
+    g = torch.Generator().manual_seed(1234)
+    return nn.functional.interpolate(torch.randn(n, 3, 14, 14, generator=g), size=size, mode="bicubic")
+
+
+def quality_check(model: nn.Module, n: int = 32) -> dict[str, float]:
+    """Fast mode against fp32 on ``n`` fixed inputs whose logits are well separated.
+
+    The classifier is fitted in closed form so that every input is its own class: row i is input i's fp32
+    pre-logit feature minus the mean feature, normalised (a nearest-prototype classifier). A random-init
+    network's 1000-way logits are near-ties, so top-1 agreement on them would measure noise, not the mode.
+    """
+    size = model.patch_embed.img_size[0]
+    x = fixed_inputs(n, size)
+    with torch.inference_mode():
+        ref_features = model.forward_head(model.forward_features(x), pre_logits=True)
+    centred = ref_features - ref_features.mean(0, keepdim=True)
+    classifier = nn.Linear(centred.shape[1], n)
+    with torch.no_grad():
+        classifier.weight.copy_(nn.functional.normalize(centred, dim=1))
+        classifier.bias.copy_(-classifier.weight @ ref_features.mean(0))
+    probe = PrototypeProbe(copy.deepcopy(model), classifier).eval()
+    with torch.inference_mode():
+        _, ref_logits = probe(x)
+    fast = optimize_for_inference(probe)
+    features, logits = fast(x)
+    top2 = ref_logits.topk(2, dim=1).values
+    return {
+        "dtype": str(fast.dtype).replace("torch.", ""),
+        "cosine_min": nn.functional.cosine_similarity(features.float(), ref_features, dim=1).min().item(),
+        "top1_agree": (logits.argmax(1) == ref_logits.argmax(1)).float().mean().item(),
+        "n": n,
+        "fp32_margin_min": ((top2[:, 0] - top2[:, 1]) / top2[:, 0].abs()).min().item(),
+        "fp32_self_class": (ref_logits.argmax(1) == torch.arange(n)).float().mean().item(),
+    }
+
+
+def build_pair(name: str) -> tuple[nn.Module, nn.Module, float]:
+    import timm
+
+    torch.manual_seed(0)
+    theirs = timm.create_model(name, pretrained=False).eval()
+    ours = dr.create_model(name).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 3, *ours.patch_embed.img_size)
+    with torch.inference_mode():
+        diff = (ours(x) - theirs(x)).abs().max().item()
+    return ours, theirs, diff
+
+
+def run_mode(
+    mode: str, ours: nn.Module, theirs: nn.Module, batch: int, repeats: int
+) -> tuple[dict[str, float], torch.dtype]:
+    size = ours.patch_embed.img_size
+    x = torch.randn(batch, 3, *size)
+    start = time.perf_counter()
+    if mode == "exact":
+        ours_fn_model, dtype = ours, torch.float32
+    else:
+        ours_fn_model = optimize_for_inference(ours, dtype=torch.float32 if mode == "fast-fp32" else None)
+        dtype = ours_fn_model.dtype
+    theirs_cast = theirs if dtype == torch.float32 else copy.deepcopy(theirs).to(dtype)
+    x_theirs = x.to(dtype)
+
+    def run_ours() -> object:
+        with torch.inference_mode():
+            return ours_fn_model(x)
+
+    def run_theirs() -> object:
+        with torch.inference_mode():
+            return theirs_cast(x_theirs)
+
+    run_ours()  # the first call compiles in the fast modes: time to a ready model
+    ready_s = time.perf_counter() - start
+    run_theirs()
+    # The matmul runs in the same rotation, so the rate it sets is the one the models saw (shared machine).
+    samples = timed_alternately({"ours": run_ours, "timm": run_theirs, "mm": matmul_fn(dtype)}, repeats)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    ratios = [t / o for o, t in zip(samples["ours"], samples["timm"])]
+    return {
+        "ours_s": med["ours"],
+        "timm_s": med["timm"],
+        "speedup": statistics.median(ratios),
+        "ours_mb": peak_forward_memory(run_ours),
+        "timm_mb": peak_forward_memory(run_theirs),
+        "ready_s": ready_s,
+        "mm_gflops": 2 * MATMUL_N**3 / med["mm"] / 1e9,
+    }, dtype
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--variants", nargs="+", default=["deit_tiny_patch16_224", "deit_small_distilled_patch16_224"]
+    )
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["exact", "fast"])
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="samples per measurement (medians are reported)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--no-quality", action="store_true", help="skip the fast mode's accuracy check")
+    args = parser.parse_args(argv)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(
+        f"# {datetime.date.today()}  torch {torch.__version__}  {cpu_name()}  threads={torch.get_num_threads()}"
+    )
+    rates = {dt: matmul_rate(dt, args.repeats) for dt in (torch.float32, torch.bfloat16)}
+    print(
+        f"# matmul 4096^3: fp32 {rates[torch.float32]:.0f} GFLOP/s, bf16 {rates[torch.bfloat16]:.0f} GFLOP/s"
+        f" (median of {args.repeats})"
+    )
+    header = (
+        f"{'variant':34} {'mode':9} {'bs':>3} | {'ours im/s':>9} {'timm im/s':>9} {'speedup':>7} | "
+        f"{'ours ms':>8} {'timm ms':>8} | {'ours MiB':>8} {'timm MiB':>8} | {'ours %mm':>8} {'timm %mm':>8} | "
+        f"{'mm GF/s':>7} {'ready s':>7}"
+    )
+    print(header)
+    quality_lines = []
+    for name in args.variants:
+        ours, theirs, diff = build_pair(name)
+        gflop = 2 * VARIANTS[name].gflops
+        for mode in args.modes:
+            for batch in args.batch_sizes:
+                r, dtype = run_mode(mode, ours, theirs, batch, args.repeats)
+                rate = r["mm_gflops"]
+                pct = {k: 100 * gflop * batch / r[f"{k}_s"] / rate for k in ("ours", "timm")}
+                print(
+                    f"{name:34} {mode:9} {batch:>3} | {batch / r['ours_s']:9.1f} {batch / r['timm_s']:9.1f} "
+                    f"{r['speedup']:6.2f}x | {1e3 * r['ours_s']:8.1f} {1e3 * r['timm_s']:8.1f} | "
+                    f"{r['ours_mb']:8.1f} {r['timm_mb']:8.1f} | {pct['ours']:7.0f}% {pct['timm']:7.0f}% | "
+                    f"{rate:7.0f} {r['ready_s']:7.1f}",
+                    flush=True,
+                )
+        if "fast" in args.modes and not args.no_quality:
+            q = quality_check(ours)
+            quality_lines.append(
+                f"{name:34} fast ({q['dtype']}) vs fp32 on {q['n']} fixed inputs: pre-logit cosine min "
+                f"{q['cosine_min']:.5f}, top-1 agreement {100 * q['top1_agree']:.0f}% (fp32 top-1 = own class "
+                f"{100 * q['fp32_self_class']:.0f}%, min relative margin {q['fp32_margin_min']:.2f}); "
+                f"fp32 parity with timm: max abs diff {diff:.1e}"
+            )
+    for line in quality_lines:
+        print(line)
+    print(
+        "# speedup = timm time / ours (median of per-repeat ratios); %mm = achieved GFLOP/s / the rate of a "
+        "4096^3 matmul in the mode's dtype timed in the same rotation (mm GF/s); ready = seconds to the first "
+        "output (compile included)"
+    )
+
+
+if __name__ == "__main__":
+    main()

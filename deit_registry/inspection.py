@@ -1,0 +1,113 @@
+"""Looking inside a DeiT: per-layer attention probabilities and DINO-style class-token heat maps.
+
+Normal forwards use the fused ``scaled_dot_product_attention`` kernel, which never materialises the
+probabilities. :func:`attention_maps` switches every attention layer to the explicit
+softmax(QK^T / sqrt(d)) path for the duration of a ``with`` block and collects what it computed::
+
+    import torch
+    from deit_registry import create_model
+    from deit_registry.inspection import attention_maps, class_token_heatmaps
+
+    model = create_model("deit_small_patch16_224").eval()
+    with attention_maps(model) as rec, torch.no_grad():
+        model(images)
+    rec.maps                 # one [B, heads, N, N] tensor per block (N = prefix tokens + patches)
+    heat = class_token_heatmaps(model, images)      # [B, heads, H, W] last-layer class-token attention
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .architecture import Attention
+
+
+class AttentionRecorder:
+    """What :func:`attention_maps` yields: the attention layers it watches, in forward order."""
+
+    def __init__(self, layers: list[Attention]) -> None:
+        self.layers = layers
+
+    @property
+    def maps(self) -> list[torch.Tensor]:
+        """Attention probabilities of the last forward pass, one ``[B, heads, N, N]`` tensor per layer."""
+        maps = [layer.last_attention for layer in self.layers]
+        if any(m is None for m in maps):
+            raise RuntimeError(
+                "no attention recorded yet: run a forward pass inside the `with attention_maps(model)`"
+            )
+        return maps  # type: ignore[return-value]
+
+
+@contextmanager
+def attention_maps(model: nn.Module) -> Iterator[AttentionRecorder]:
+    """Record every attention layer's probabilities during the ``with`` block.
+
+    Inside, attention runs the explicit softmax path (slower, same result up to float rounding); on exit each
+    layer gets its previous setting back (the fused kernel) and the recorded tensors are released. The maps
+    are detached: they do not keep the autograd graph alive.
+    """
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no deit_registry attention layers to record")
+    previous = [layer.record_attention for layer in layers]
+    for layer in layers:
+        layer.record_attention = True
+        layer.last_attention = None
+    try:
+        yield AttentionRecorder(layers)
+    finally:
+        for layer, flag in zip(layers, previous):
+            layer.record_attention = flag
+            layer.last_attention = None
+
+
+def attention_to_heatmaps(
+    attention: torch.Tensor,
+    grid_size: tuple[int, int],
+    num_prefix_tokens: int,
+    patch_size: int = 16,
+    token_index: int = 0,
+    image_size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """One layer's attention ``[B, heads, N, N]`` -> per-head maps ``[B, heads, H, W]`` of how much token
+    ``token_index`` (0: the class token, 1: the distillation token) attends to each patch.
+
+    Each patch's weight fills its ``patch_size`` x ``patch_size`` square (nearest upsampling, as DINO's
+    visualisations); ``image_size`` crops padding away (inputs padded by ``dynamic_img_pad``).
+    """
+    b, heads, n, _ = attention.shape
+    gh, gw = grid_size
+    if n != num_prefix_tokens + gh * gw:
+        raise ValueError(
+            f"attention over {n} tokens does not match {num_prefix_tokens} prefix tokens + a {gh}x{gw} patch grid"
+        )
+    if not 0 <= token_index < num_prefix_tokens:
+        raise ValueError(
+            f"token_index must name a prefix token (0 to {num_prefix_tokens - 1}); got {token_index}"
+        )
+    maps = attention[:, :, token_index, num_prefix_tokens:].reshape(b, heads, gh, gw)
+    maps = F.interpolate(maps, scale_factor=patch_size, mode="nearest")
+    if image_size is not None:
+        maps = maps[..., : image_size[0], : image_size[1]]
+    return maps
+
+
+@torch.no_grad()
+def class_token_heatmaps(model: nn.Module, images: torch.Tensor, token_index: int = 0) -> torch.Tensor:
+    """Run ``model`` on ``images`` ``[B, C, H, W]`` and return the last layer's class-token attention as
+    per-head heat maps at image resolution, ``[B, heads, H, W]``: each pixel holds the attention probability
+    of the patch it lies in. ``token_index=1`` shows the distillation token of distilled models."""
+    height, width = images.shape[-2:]
+    grid = model.patch_embed.dynamic_feat_size((height, width))
+    with attention_maps(model) as rec:
+        model.forward_features(images)
+        last = rec.maps[-1]
+    return attention_to_heatmaps(
+        last, grid, model.num_prefix_tokens, model.patch_embed.patch_size[0], token_index, (height, width)
+    )

@@ -1,0 +1,290 @@
+"""Turn any supported state dict into the official key layout and fit it to a model, checking everything first.
+
+* :func:`to_official` - transformers' ``DeiT*`` (``deit.`` prefix) and ``ViT*`` (``vit.``) names to the official
+  ones, fusing ``query``/``key``/``value`` into ``qkv`` (rows q | k | v); official and timm keys pass unchanged.
+* :func:`adapt` - fit the official-layout dict to a model: a different ``num_classes`` (or head) drops the
+  checkpoint's heads with a warning; another ``img_size`` (also non-square) resamples the position embedding
+  bicubically, keeping the 1 or 2 prefix tokens; ``in_chans`` other than 3 adapts the patch embedding (sum for
+  1 channel, repeat and rescale for more); distilled <-> plain only with ``convert_distillation=True``.
+* :func:`validate` - every key and shape against the model's, before a single tensor is copied, so a failed
+  load never leaves a model half-loaded.
+
+::
+
+    from deit_registry.weights.conversion import to_official
+    sd = to_official(transformers_state_dict)       # {'cls_token': ..., 'blocks.0.attn.qkv.weight': ..., ...}
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..architecture import resample_pos_embed
+from ..errors import CheckpointMismatchError, DistillationMismatchError
+
+HEAD_PREFIXES = ("head.", "head_dist.")
+# Keys of transformers models with no counterpart in the official layout (pooler, MIM parts).
+_DROPPED = re.compile(r"^(pooler\.|embeddings\.mask_token$|decoder\.)")
+_TRANSFORMERS_RENAMES = (
+    (re.compile(r"^embeddings\.cls_token$"), "cls_token"),
+    (re.compile(r"^embeddings\.distillation_token$"), "dist_token"),
+    (re.compile(r"^embeddings\.position_embeddings$"), "pos_embed"),
+    (re.compile(r"^embeddings\.patch_embeddings\.projection\."), "patch_embed.proj."),
+    (re.compile(r"^encoder\.layer\.(\d+)\.layernorm_before\."), r"blocks.\1.norm1."),
+    (re.compile(r"^encoder\.layer\.(\d+)\.attention\.output\.dense\."), r"blocks.\1.attn.proj."),
+    (re.compile(r"^encoder\.layer\.(\d+)\.layernorm_after\."), r"blocks.\1.norm2."),
+    (re.compile(r"^encoder\.layer\.(\d+)\.intermediate\.dense\."), r"blocks.\1.mlp.fc1."),
+    (re.compile(r"^encoder\.layer\.(\d+)\.output\.dense\."), r"blocks.\1.mlp.fc2."),
+    (re.compile(r"^layernorm\."), "norm."),
+    (re.compile(r"^cls_classifier\."), "head."),
+    (re.compile(r"^distillation_classifier\."), "head_dist."),
+    (re.compile(r"^classifier\."), "head."),
+)
+_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
+
+
+def is_transformers_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("deit.", "vit.", "embeddings.", "encoder.layer.")) for k in state_dict)
+
+
+def to_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The official layout of ``state_dict`` (transformers' names converted; others returned as they are)."""
+    if not is_transformers_layout(state_dict):
+        return dict(state_dict)
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        for prefix in ("deit.", "vit."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                break
+        if _DROPPED.match(key):
+            continue
+        m = _QKV.match(key)
+        if m:
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+            continue
+        for pattern, repl in _TRANSFORMERS_RENAMES:
+            new, n = pattern.subn(repl, key)
+            if n:
+                key = new
+                break
+        out[key] = value
+    for (layer, kind), parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            missing = sorted({"query", "key", "value"} - set(parts))
+            out[f"blocks.{layer}.attn.qkv_incomplete_{'_'.join(missing)}_missing.{kind}"] = next(
+                iter(parts.values())
+            )
+            continue
+        out[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat(
+            [parts["query"], parts["key"], parts["value"]], dim=0
+        )
+    return out
+
+
+def config_norm_eps(config: Mapping[str, Any] | None) -> float | None:
+    """The LayerNorm eps a ``config.json`` was saved with (transformers' ``layer_norm_eps``, 1e-12 for DeiT)."""
+    if not config or "layer_norm_eps" not in config:
+        return None
+    return float(config["layer_norm_eps"])
+
+
+def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The variant name whose shapes ``state_dict`` (official layout) has, if any."""
+    from ..variants import VARIANTS
+
+    cls = state_dict.get("cls_token")
+    pos = state_dict.get("pos_embed")
+    if cls is None or pos is None:
+        return None
+    distilled = "dist_token" in state_dict
+    patches = pos.shape[1] - (2 if distilled else 1)
+    for v in VARIANTS.values():
+        a = v.arch
+        if (
+            a.embed_dim == cls.shape[-1]
+            and a.distilled == distilled
+            and (a.img_size // a.patch_size) ** 2 == patches
+        ):
+            return v.name
+    return None
+
+
+def _grid_of(config: Mapping[str, Any] | None, num_patches: int) -> tuple[int, int] | None:
+    """The checkpoint's patch grid: from its config (transformers or timm) if it says, else a square."""
+    if config:
+        size = config.get("image_size") or (config.get("pretrained_cfg") or {}).get("input_size")
+        patch = config.get("patch_size", 16)
+        if isinstance(size, (list, tuple)) and len(size) == 3:
+            size = size[1:]
+        if size is not None:
+            h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+            if (h // patch) * (w // patch) == num_patches:
+                return h // patch, w // patch
+    side = math.isqrt(num_patches)
+    return (side, side) if side * side == num_patches else None
+
+
+def adapt(
+    state_dict: dict[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    *,
+    grid_size: tuple[int, int],
+    file: str | Path,
+    config: Mapping[str, Any] | None = None,
+    convert_distillation: bool = False,
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Fit an official-layout ``state_dict`` to a model whose ``state_dict()`` is ``expected`` (meta is fine).
+
+    Returns the adapted dict and the model keys left as initialised (dropped heads). Raises
+    :class:`DistillationMismatchError` for distilled <-> plain without ``convert_distillation=True``.
+    """
+    sd = dict(state_dict)
+    model_distilled, ckpt_distilled = "dist_token" in expected, "dist_token" in sd
+    if model_distilled != ckpt_distilled and "cls_token" in sd:
+        if not convert_distillation:
+            have, want = ("distilled", "plain") if ckpt_distilled else ("plain", "distilled")
+            raise DistillationMismatchError(
+                f"{file} holds {have} DeiT weights but the model is {want}. Create the matching model "
+                f"({'a *_distilled_* name' if ckpt_distilled else 'a name without _distilled_'}), or pass "
+                f"convert_distillation=True to "
+                + (
+                    "use the class head and drop the distillation token"
+                    if ckpt_distilled
+                    else "initialise the distillation token and head from the class token and head"
+                )
+            )
+        sd = _distilled_to_plain(sd) if ckpt_distilled else _plain_to_distilled(sd)
+
+    prefix = 2 if model_distilled else 1
+    pos, want_pos = sd.get("pos_embed"), expected.get("pos_embed")
+    if pos is not None and want_pos is not None and pos.dim() == 3 and pos.shape[1] != want_pos.shape[1]:
+        old_grid = _grid_of(config, pos.shape[1] - prefix)
+        if old_grid is not None and pos.shape[2] == want_pos.shape[2]:
+            sd["pos_embed"] = resample_pos_embed(pos, tuple(grid_size), old_grid, prefix)
+
+    key = "patch_embed.proj.weight"
+    w, want_w = sd.get(key), expected.get(key)
+    if w is not None and want_w is not None and w.dim() == 4 and w.shape[1] != want_w.shape[1]:
+        if w.shape[0] == want_w.shape[0] and w.shape[2:] == want_w.shape[2:]:
+            sd[key] = adapt_input_conv(w, want_w.shape[1])
+
+    fresh = _fit_heads(sd, expected, file)
+    return sd, fresh
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Patch-embedding weights ``[D, C, p, p]`` for ``in_chans`` inputs: summed over C for 1 channel, repeated
+    and rescaled by ``C / in_chans`` for more, so the response to a grey image stays the same."""
+    c = weight.shape[1]
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = math.ceil(in_chans / c)
+    return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (c / in_chans)
+
+
+def _distilled_to_plain(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    sd = {k: v for k, v in sd.items() if k != "dist_token" and not k.startswith("head_dist.")}
+    if "pos_embed" in sd:
+        pos = sd["pos_embed"]
+        sd["pos_embed"] = torch.cat([pos[:, :1], pos[:, 2:]], dim=1)
+    return sd
+
+
+def _plain_to_distilled(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    sd = dict(sd)
+    sd["dist_token"] = sd["cls_token"].clone()
+    if "pos_embed" in sd:
+        pos = sd["pos_embed"]
+        sd["pos_embed"] = torch.cat([pos[:, :1], pos[:, :1], pos[:, 1:]], dim=1)
+    for k in [k for k in sd if k.startswith("head.")]:
+        sd["head_dist." + k[len("head.") :]] = sd[k].clone()
+    return sd
+
+
+def _fit_heads(
+    sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor], file: str | Path
+) -> set[str]:
+    """Drop the checkpoint's classifier heads if they do not fit the model's; return the model keys left fresh."""
+    cls, want_cls = sd.get("cls_token"), expected.get("cls_token")
+    if cls is not None and want_cls is not None and tuple(cls.shape) != tuple(want_cls.shape):
+        return set()  # another width altogether: validate() reports the variant mismatch, heads included
+    ckpt_head = {k: v for k, v in sd.items() if k.startswith(HEAD_PREFIXES)}
+    model_head = {k: v for k, v in expected.items() if k.startswith(HEAD_PREFIXES) or k == "mask_token"}
+    fits = set(ckpt_head) == {k for k in model_head if k != "mask_token"} and all(
+        tuple(v.shape) == tuple(model_head[k].shape) for k, v in ckpt_head.items()
+    )
+    if fits:
+        return {"mask_token"} & set(model_head) - set(sd)
+    for k in ckpt_head:
+        del sd[k]
+    if ckpt_head:
+        warnings.warn(
+            f"{Path(file).name}: dropped the checkpoint's classifier ({_describe_heads(ckpt_head)}) because it does "
+            f"not fit the model's ({_describe_heads(model_head)}); "
+            + (
+                "the model's head is randomly initialised: fine-tune it"
+                if model_head
+                else "the model returns features"
+            ),
+            stacklevel=4,
+        )
+    return set(model_head) - set(sd)
+
+
+def _describe_heads(heads: Mapping[str, torch.Tensor]) -> str:
+    """``"head: 1000 classes, head_dist: 1000 classes"``, or ``"none"``."""
+    parts = [
+        f"{k.rsplit('.', 1)[0]}: {v.shape[0]} classes" if v.dim() == 2 else k.rsplit(".", 1)[0]
+        for k, v in heads.items()
+        if k.endswith("weight") or k == "mask_token"
+    ]
+    return ", ".join(dict.fromkeys(parts)) or "none"
+
+
+def validate(
+    state_dict: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    fresh: set[str],
+    file: str | Path,
+    model_name: str | None = None,
+) -> None:
+    """Raise :class:`CheckpointMismatchError` unless ``state_dict`` has exactly the keys and shapes expected."""
+    missing = sorted(set(expected) - set(state_dict) - fresh)
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {list(state_dict[k].shape)} vs model {list(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    guess = guess_variant(state_dict)
+    target = f"the model ({model_name})" if model_name else "the model"
+    if shapes:
+        what = f"{len(shapes)} shape mismatch(es), e.g. {'; '.join(shapes[:3])}"
+        fix = (
+            f"it looks like {guess}: create that model instead"
+            if guess and guess != model_name
+            else "create the model whose sizes match the checkpoint (embed_dim, depth, patch_size)"
+        )
+    else:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:4])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:4])}")
+        what = "; ".join(parts)
+        fix = (
+            "check that the file is a complete DeiT checkpoint (official, timm or transformers layout) saved "
+            "from the same architecture"
+        )
+    raise CheckpointMismatchError(f"{file} does not fit {target}: {what}. Nothing was loaded; {fix}")

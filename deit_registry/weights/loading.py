@@ -1,0 +1,171 @@
+"""The one loading path behind every source and format: resolve -> read -> convert -> adapt -> validate -> load.
+
+::
+
+    import deit_registry as dr
+    model = dr.create_model("deit_small_patch16_224", pretrained=True)              # official weights
+    model = dr.create_model("deit_small_patch16_224", pretrained=True, weights="hf-hub:facebook/deit-small-patch16-224")
+    model = dr.create_model("deit_tiny_patch16_224", pretrained=True, num_classes=10, img_size=(256, 320))
+
+    from deit_registry.weights import load_checkpoint
+    load_checkpoint(model, "finetuned.safetensors")                                   # in place
+
+A new model is built on the meta device and its parameters are assigned the checkpoint's (memory-mapped)
+tensors, so the weights are never allocated twice. Everything is validated before any tensor is copied, so a
+failure leaves an existing model exactly as it was.
+
+LayerNorm eps: transformers' DeiT/ViT configs say ``layer_norm_eps=1e-12`` where the official models use 1e-6
+(logits differ by about 1e-4). A checkpoint whose ``config.json`` names an eps is loaded with that eps (unless
+``norm_eps=`` is given explicitly), so outputs equal those of the model it was saved from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..architecture import DeiT
+from ..variants import Variant
+from . import conversion, formats, sources
+
+Source = str | os.PathLike[str] | Mapping[str, torch.Tensor] | None
+
+
+def _read(
+    source: Source, variant: Variant | None, progress: bool, ema: bool
+) -> tuple[dict[str, torch.Tensor], str, dict[str, Any] | None]:
+    """(official-layout state dict, a name for the file in messages, its config.json or None)."""
+    if isinstance(source, Mapping):
+        return conversion.to_official(dict(source)), "the given state dict", None
+    path = sources.resolve(variant, source, progress=progress)
+    ckpt = formats.read_checkpoint(path, ema=ema)
+    return conversion.to_official(ckpt.state_dict), str(ckpt.file), ckpt.config
+
+
+def load_pretrained(
+    variant: Variant | str,
+    options: dict[str, Any] | None = None,
+    source: Source = None,
+    *,
+    progress: bool = True,
+    ema: bool = False,
+    convert_distillation: bool = False,
+) -> DeiT:
+    """Build ``variant`` with ``options`` (the DeiT keyword arguments) and load weights from ``source``.
+
+    Args:
+        variant: a :class:`~deit_registry.variants.Variant` or its name.
+        options: :class:`~deit_registry.architecture.DeiT` keyword arguments (``num_classes``, ``img_size``,
+            ``in_chans``, ``head``, ...); the variant's architecture fills in the rest.
+        source: ``None`` (official weights), a local file/folder, an http(s) URL, ``hf-hub:owner/repo[@rev]``
+            or a state dict.
+        progress: show a download progress bar.
+        ema: load a training checkpoint's ``model_ema`` weights instead of ``model``.
+        convert_distillation: allow distilled weights into a plain model (class head kept, distillation token
+            dropped) or plain weights into a distilled one (distillation token and head copied from the class
+            token and head).
+    """
+    variant = sources.get_variant(variant)
+    arch = variant.arch
+    opts: dict[str, Any] = dict(
+        img_size=arch.img_size,
+        patch_size=arch.patch_size,
+        embed_dim=arch.embed_dim,
+        depth=arch.depth,
+        num_heads=arch.num_heads,
+        mlp_ratio=arch.mlp_ratio,
+        distilled=arch.distilled,
+        num_classes=variant.weights.num_classes,
+    )
+    opts.update(options or {})
+    state_dict, file, config = _read(source, variant, progress, ema)
+    eps = conversion.config_norm_eps(config)
+    if eps is not None and "norm_eps" not in (options or {}):
+        opts["norm_eps"] = eps
+
+    with torch.device("meta"):
+        skeleton = DeiT(**opts)
+    expected = skeleton.state_dict()
+    state_dict, fresh = conversion.adapt(
+        state_dict,
+        expected,
+        grid_size=skeleton.patch_embed.grid_size,
+        file=file,
+        config=config,
+        convert_distillation=convert_distillation,
+    )
+    conversion.validate(state_dict, expected, fresh, file, variant.name)
+    state_dict = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
+    if fresh or _has_real_tensors(skeleton):
+        # Dropped heads (or a user-supplied head module) need real, initialised parameters: build normally.
+        model = DeiT(**opts)
+        model.load_state_dict(state_dict, strict=False)
+    else:
+        skeleton.load_state_dict(state_dict, strict=True, assign=True)
+        model = skeleton
+    return model
+
+
+def _has_real_tensors(model: nn.Module) -> bool:
+    return any(not t.is_meta for t in model.state_dict().values())
+
+
+def load_checkpoint(
+    model: DeiT,
+    source: Source,
+    *,
+    progress: bool = True,
+    ema: bool = False,
+    convert_distillation: bool = False,
+) -> DeiT:
+    """Load ``source`` (any form :func:`load_pretrained` takes, except ``None``) into ``model`` in place.
+
+    Heads that do not fit are dropped with a warning and the model's own are kept; a transformers checkpoint
+    sets the model's LayerNorm eps to the one it was saved with. Raises a
+    :class:`~deit_registry.errors.WeightsError` - before changing anything - if the weights do not fit.
+    """
+    if source is None:
+        raise ValueError(
+            "load_checkpoint needs a source: a file, folder, URL, 'hf-hub:owner/repo' or state dict"
+        )
+    state_dict, file, config = _read(source, None, progress, ema)
+    expected = model.state_dict()
+    state_dict, fresh = conversion.adapt(
+        state_dict,
+        expected,
+        grid_size=model.patch_embed.grid_size,
+        file=file,
+        config=config,
+        convert_distillation=convert_distillation,
+    )
+    conversion.validate(state_dict, expected, fresh, file)
+    with torch.no_grad():
+        model.load_state_dict(state_dict, strict=False)
+    eps = conversion.config_norm_eps(config)
+    if eps is not None:
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.eps = eps
+        model.norm_eps = eps
+    return model
+
+
+def download(
+    name: str | Variant, source: str | os.PathLike[str] | None = None, progress: bool = True
+) -> Path:
+    """Fetch the weights of ``name`` (or of ``source``) into the local cache and return the cached path.
+
+    ``deit_registry.weights.download("deit_base_patch16_224")`` pre-fetches the official file, e.g. before
+    going offline (``HF_HUB_OFFLINE=1``).
+    """
+    return sources.resolve(name, source, progress=progress)
+
+
+def is_cached(name: str | Variant) -> bool:
+    """Whether the official weights of ``name`` are already in torch.hub's cache."""
+    return sources.cached_path(sources.get_variant(name)).is_file()

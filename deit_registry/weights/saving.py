@@ -1,0 +1,160 @@
+"""Save a DeiT as ``model.safetensors`` + ``config.json`` in timm's hub layout, and convert any checkpoint to it.
+
+What we save loads back with :func:`deit_registry.weights.load_pretrained` (``weights=DIR``), with
+``timm.create_model("local-dir:DIR")`` and, once uploaded, with ``timm.create_model("hf-hub:owner/repo")``::
+
+    from deit_registry.weights import convert, save_pretrained
+    save_pretrained(model, "out/deit_small")                                  # model.safetensors, config.json
+    convert("deit_small_patch16_224-cd65a155.pth", "out/deit_small")           # any supported checkpoint
+    # or from a shell:  python -m deit_registry.weights convert SRC DST [--name deit_small_patch16_224]
+
+timm's DeiT has no LayerNorm-eps argument, so a model built with another eps (weights converted from
+transformers, 1e-12) records it as a top-level ``layer_norm_eps`` that deit_registry honours and timm ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..architecture import DeiT
+from ..variants import VARIANTS, Variant
+from . import conversion, formats, sources
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def variant_of(model: DeiT) -> Variant:
+    """The variant with ``model``'s architecture (the native resolution's one when several match)."""
+    block = model.blocks[0]
+    size = tuple(model.patch_embed.img_size)
+    matches = [
+        v
+        for v in VARIANTS.values()
+        if v.arch.embed_dim == model.embed_dim
+        and v.arch.depth == len(model.blocks)
+        and v.arch.num_heads == block.attn.num_heads
+        and v.arch.patch_size == model.patch_embed.patch_size[0]
+        and v.arch.distilled == model.distilled
+    ]
+    if not matches:
+        raise ValueError(
+            f"this model (embed_dim {model.embed_dim}, depth {len(model.blocks)}) is none of the eight DeiT "
+            f"variants; pass name= to save_pretrained to name its architecture"
+        )
+    exact = [v for v in matches if (v.arch.img_size, v.arch.img_size) == size]
+    return (exact or [v for v in matches if v.arch.img_size == 224] or matches)[0]
+
+
+def timm_config(model: DeiT, variant: Variant) -> dict[str, Any]:
+    """``config.json`` in the layout of timm's hub repositories (``architecture``, ``pretrained_cfg``...)."""
+    w = variant.weights
+    size = tuple(model.patch_embed.img_size)
+    model_args: dict[str, Any] = {}
+    if size != (variant.arch.img_size, variant.arch.img_size):
+        model_args["img_size"] = list(size)
+    if model.in_chans != 3:
+        model_args["in_chans"] = model.in_chans
+    if model.global_pool != "token":
+        model_args["global_pool"] = model.global_pool
+    classifier: Any = ["head", "head_dist"] if model.head_dist is not None else "head"
+    config: dict[str, Any] = {
+        "architecture": variant.name,
+        "num_classes": model.num_classes,
+        "num_features": model.num_features,
+        "global_pool": model.global_pool,
+        "pretrained_cfg": {
+            "tag": w.tag,
+            "custom_load": False,
+            "input_size": [model.in_chans, *size],
+            "fixed_input_size": True,
+            "interpolation": w.interpolation,
+            "crop_pct": w.crop_pct,
+            "crop_mode": w.crop_mode,
+            "mean": list(w.mean),
+            "std": list(w.std),
+            "num_classes": model.num_classes,
+            "pool_size": None,
+            "first_conv": "patch_embed.proj",
+            "classifier": classifier,
+            "license": w.license,
+        },
+    }
+    if model_args:
+        config["model_args"] = model_args
+    if abs(model.norm_eps - 1e-6) > 1e-15:
+        config["layer_norm_eps"] = model.norm_eps
+    return config
+
+
+def save_pretrained(model: DeiT, directory: str | os.PathLike[str], name: str | None = None) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` (timm's layout) into ``directory``; return it.
+
+    ``name`` is the architecture recorded in the config (default: the variant with the model's shape).
+    """
+    variant = sources.get_variant(name) if name else variant_of(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp = directory / (WEIGHTS_NAME + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, directory / WEIGHTS_NAME)
+    config = timm_config(model, variant)
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    name: str | None = None,
+    *,
+    ema: bool = False,
+) -> Path:
+    """Convert any supported checkpoint (official ``.pth``, training checkpoint, timm or transformers files,
+    URL, ``hf-hub:`` id) into ``dst`` as ``model.safetensors`` + ``config.json``.
+
+    The variant is read from the weights' shapes unless ``name`` says; ``num_classes`` and the image size
+    are kept as saved.
+    """
+    from .loading import load_pretrained
+
+    path = sources.resolve(name, src)
+    ckpt = formats.read_checkpoint(path, ema=ema)
+    sd = conversion.to_official(ckpt.state_dict)
+    if name is None:
+        name = conversion.guess_variant(sd) or _guess_by_width(sd, path)
+    variant = sources.get_variant(name)
+    options: dict[str, Any] = {}
+    head = sd.get("head.weight")
+    options["num_classes"] = int(head.shape[0]) if head is not None else 0
+    pos = sd.get("pos_embed")
+    prefix = 2 if "dist_token" in sd else 1
+    if pos is not None and pos.shape[1] - prefix != (variant.arch.img_size // variant.arch.patch_size) ** 2:
+        grid = conversion._grid_of(ckpt.config, pos.shape[1] - prefix)
+        if grid is not None:
+            options["img_size"] = (grid[0] * variant.arch.patch_size, grid[1] * variant.arch.patch_size)
+    proj = sd.get("patch_embed.proj.weight")
+    if proj is not None and proj.shape[1] != 3:
+        options["in_chans"] = int(proj.shape[1])
+    model = load_pretrained(variant, options, source=path, ema=ema, progress=False)
+    return save_pretrained(model, dst, variant.name)
+
+
+def _guess_by_width(sd: dict[str, torch.Tensor], path: Path) -> str:
+    cls = sd.get("cls_token")
+    distilled = "dist_token" in sd
+    for v in VARIANTS.values():
+        if cls is not None and v.arch.embed_dim == cls.shape[-1] and v.arch.distilled == distilled:
+            if v.arch.img_size == 224:
+                return v.name
+    raise ValueError(
+        f"cannot tell which DeiT variant {path} holds; pass name= (e.g. 'deit_small_patch16_224')"
+    )

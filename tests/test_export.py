@@ -1,0 +1,91 @@
+"""Compile and export: torch.compile (dynamic batch), torch.export with a dynamic batch dimension,
+torch.jit.script, and ONNX run in onnxruntime, each equal to eager for plain and distilled models."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from deit_registry import DeiT
+
+CFG = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+
+
+def tiny(distilled: bool = False, **kwargs) -> DeiT:
+    torch.manual_seed(0)
+    return DeiT(**{**CFG, "distilled": distilled, **kwargs}).eval()
+
+
+def images(batch: int) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+
+
+def test_torch_compile_dynamic_batch_without_recompiling():
+    model = tiny(distilled=True)
+    compiled = torch.compile(model, dynamic=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images(2)), model(images(2)), atol=1e-5, rtol=1e-5)
+        with torch.compiler.set_stance("fail_on_recompile"):  # a new batch size reuses the graph
+            torch.testing.assert_close(compiled(images(3)), model(images(3)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("distilled", [False, True], ids=["plain", "distilled"])
+def test_torch_export_dynamic_batch(distilled):
+    from torch.export import Dim, export
+
+    model = tiny(distilled)
+    program = export(model, (images(2),), dynamic_shapes={"x": {0: Dim("batch", min=1, max=256)}})
+    exported = program.module()
+    with torch.no_grad():
+        for batch in (1, 3):
+            torch.testing.assert_close(exported(images(batch)), model(images(batch)))
+
+
+@pytest.mark.parametrize("distilled", [False, True], ids=["plain", "distilled"])
+def test_torch_jit_script(distilled):
+    model = tiny(distilled, dynamic_img_size=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream, still used
+        scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(images(2)), model(images(2)))
+        other = torch.randn(1, 3, 48, 64)
+        torch.testing.assert_close(scripted(other), model(other))
+        torch.testing.assert_close(scripted.forward_features(images(1)), model.forward_features(images(1)))
+
+
+@pytest.mark.parametrize("dynamic_batch", [False, True], ids=["fixed", "dynamic"])
+@pytest.mark.parametrize("distilled", [False, True], ids=["plain", "distilled"])
+def test_onnx_export_matches_eager_in_onnxruntime(distilled, dynamic_batch):
+    import onnxruntime as ort
+
+    model = tiny(distilled)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about the input checks, constant for a fixed C/H/W
+        torch.onnx.export(
+            model,
+            (images(2),),
+            buffer,
+            dynamo=False,  # the TorchScript-based exporter: no onnxscript dependency
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None,
+        )
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    for batch in (1, 3) if dynamic_batch else (2,):
+        x = images(batch)
+        (got,) = session.run(None, {"images": x.numpy()})
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() < 1e-4
+    if not dynamic_batch:
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+        with pytest.raises(InvalidArgument, match="invalid dimensions"):  # the batch is baked in
+            session.run(None, {"images": images(3).numpy()})

@@ -1,0 +1,94 @@
+"""A local HTTP server on 127.0.0.1 for the weights tests: static files, error codes, dropped connections,
+slow bodies, and enough of the Hugging Face Hub's ``resolve`` API for ``huggingface_hub.hf_hub_download``."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Route:
+    body: bytes = b""
+    status: int = 200
+    drop_after: int | None = None  # send the full Content-Length, then close after this many bytes
+    delay_s: float = 0.0  # spread the body over about this long (to overlap concurrent clients)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class WeightsServer:
+    """``server.add(path, Route(...))``; ``server.url(path)``; ``server.gets[path]`` counts GET requests."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.gets: Counter[str] = Counter()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self._respond(head=True)
+
+            def do_GET(self) -> None:
+                owner.gets[self.path.split("?")[0]] += 1
+                self._respond(head=False)
+
+            def _respond(self, head: bool) -> None:
+                route = owner.routes.get(self.path.split("?")[0])
+                if route is None:
+                    route = Route(b"not found", 404, headers={"X-Error-Code": "EntryNotFound"})
+                self.send_response(route.status)
+                self.send_header("Content-Length", str(len(route.body)))
+                for k, v in route.headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if head:
+                    return
+                body = route.body if route.drop_after is None else route.body[: route.drop_after]
+                chunks = max(1, int(route.delay_s / 0.05))
+                step = max(1, len(body) // chunks)
+                for i in range(0, len(body), step):
+                    self.wfile.write(body[i : i + step])
+                    if route.delay_s:
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                self.wfile.flush()
+                if route.drop_after is not None:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.root = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def add(self, path: str, route: Route) -> str:
+        self.routes[path] = route
+        return self.url(path)
+
+    def url(self, path: str) -> str:
+        return self.root + path
+
+    def add_hub_file(self, repo: str, revision: str, commit: str, filename: str, body: bytes) -> None:
+        """Serve ``body`` as ``filename`` of hub repo ``repo`` at ``revision`` (and at ``commit``)."""
+        headers = {
+            "X-Repo-Commit": commit,
+            "ETag": f'"{hashlib.sha256(body).hexdigest()}"',
+            "Content-Type": "application/octet-stream",
+        }
+        for rev in {revision, commit}:
+            self.routes[f"/{repo}/resolve/{rev}/{filename}"] = Route(body, headers=headers)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
