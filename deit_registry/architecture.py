@@ -10,7 +10,6 @@ State-dict keys are those of the official checkpoints (``cls_token``, ``dist_tok
     logits = model(torch.randn(2, 3, 224, 224))        # [2, 1000], mean of the two heads
 """
 
-
 import math
 from typing import Final
 
@@ -59,7 +58,9 @@ def _is_fx_proxy(x: torch.Tensor) -> bool:
     return isinstance(x, torch.fx.Proxy)
 
 
-def feature_take_indices(num_blocks: int, indices: int | list[int] | tuple[int, ...] | None) -> tuple[list[int], int]:
+def feature_take_indices(
+    num_blocks: int, indices: int | list[int] | tuple[int, ...] | None
+) -> tuple[list[int], int]:
     """timm's convention: ``None`` takes every block, an int ``n`` the last ``n``, a list those (negatives from
     the end). Returns the absolute indices and the largest one."""
     if indices is None:
@@ -324,12 +325,23 @@ class DeiT(nn.Module):
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, embed_dim))
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, self.patch_embed.num_patches + self.num_prefix_tokens, embed_dim)
+        )
         self.pos_drop = nn.Dropout(pos_drop_rate)
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # cpu: works under meta too
         self.blocks = nn.Sequential(
             *[
-                Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, rates[i], norm_eps)
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio,
+                    qkv_bias,
+                    proj_drop_rate,
+                    attn_drop_rate,
+                    rates[i],
+                    norm_eps,
+                )
                 for i in range(depth)
             ]
         )
@@ -344,7 +356,9 @@ class DeiT(nn.Module):
 
     # ----------------------------------------------------------------------------------------- set-up
     def _set_head(self, head: str | nn.Module | None, num_classes: int) -> None:
-        spec = HeadSpec(self.embed_dim, num_classes, self.distilled, self.patch_embed.patch_size[0], self.in_chans)
+        spec = HeadSpec(
+            self.embed_dim, num_classes, self.distilled, self.patch_embed.patch_size[0], self.in_chans
+        )
         self.head_kind, modules = build_head(head, spec)
         self.num_classes = num_classes
         self.head = modules.head
@@ -412,14 +426,18 @@ class DeiT(nn.Module):
         """Rebuild for a new input size, resampling the position embedding (prefix tokens kept)."""
         old_grid = self.patch_embed.grid_size
         self.patch_embed.set_input_size(img_size)
-        new = resample_pos_embed(self.pos_embed.data, self.patch_embed.grid_size, old_grid, self.num_prefix_tokens)
+        new = resample_pos_embed(
+            self.pos_embed.data, self.patch_embed.grid_size, old_grid, self.num_prefix_tokens
+        )
         self.pos_embed = nn.Parameter(new, requires_grad=self.pos_embed.requires_grad)  # frozen stays frozen
 
     # ----------------------------------------------------------------------------------------- forward
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         pos_embed = self.pos_embed
         if self.dynamic_img_size:
-            pos_embed = resample_pos_embed(pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
+            pos_embed = resample_pos_embed(
+                pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens
+            )
         tokens = [self.cls_token.expand(x.shape[0], -1, -1)]
         if self.dist_token is not None:
             tokens.append(self.dist_token.expand(x.shape[0], -1, -1))
@@ -431,7 +449,9 @@ class DeiT(nn.Module):
         x = self.patch_embed(x)
         if bool_masked_pos is not None and (torch.jit.is_scripting() or not _is_fx_proxy(bool_masked_pos)):
             if self.mask_token is None:
-                raise ValueError("bool_masked_pos needs a model built with head='mim' (it owns the mask token)")
+                raise ValueError(
+                    "bool_masked_pos needs a model built with head='mim' (it owns the mask token)"
+                )
             mask = bool_masked_pos.reshape(x.shape[0], -1, 1).to(x.dtype)
             x = x * (1.0 - mask) + self.mask_token.to(x.dtype) * mask
         return self._pos_embed(x, grid)
@@ -530,7 +550,9 @@ class DeiT(nn.Module):
         prefix_tokens = [y[:, :npt] for y in intermediates]
         intermediates = [y[:, npt:] for y in intermediates]
         if output_fmt == "NCHW":
-            intermediates = [y.reshape(b, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+            intermediates = [
+                y.reshape(b, grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for y in intermediates
+            ]
         if not torch.jit.is_scripting() and return_prefix_tokens:
             intermediates = list(zip(intermediates, prefix_tokens))
         if intermediates_only:
