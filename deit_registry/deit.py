@@ -30,20 +30,10 @@ def build_deit(name: str, pretrained: bool = False, **kwargs: Any) -> DeiT:
 
         return build_timm_model(name, pretrained, **kwargs)
     variant = VARIANTS[name]
-    arch = variant.arch
     weights_source = kwargs.pop("weights", None)
     # Loader options of deit_registry.weights.load_pretrained (not DeiT arguments).
     load_options = {k: kwargs.pop(k) for k in ("progress", "ema", "convert_distillation") if k in kwargs}
-    options: dict[str, Any] = dict(
-        img_size=arch.img_size,
-        patch_size=arch.patch_size,
-        embed_dim=arch.embed_dim,
-        depth=arch.depth,
-        num_heads=arch.num_heads,
-        mlp_ratio=arch.mlp_ratio,
-        distilled=arch.distilled,
-        num_classes=variant.weights.num_classes,
-    )
+    options: dict[str, Any] = variant.model_kwargs()
     options.update(kwargs)
     if not pretrained:
         if weights_source is not None or load_options:
@@ -57,22 +47,22 @@ def build_deit(name: str, pretrained: bool = False, **kwargs: Any) -> DeiT:
 
 
 def deit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> DeiT:
-    """DeiT-Ti 224: 5.7M parameters, 1.3 GFLOPs, 72.2% ImageNet top-1 (official weights with pretrained=True)."""
+    """DeiT-Ti 224: 5.7M parameters, 1.3 GMACs, 72.2% ImageNet top-1 (official weights with pretrained=True)."""
     return build_deit("deit_tiny_patch16_224", pretrained, **kwargs)
 
 
 def deit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> DeiT:
-    """DeiT-S 224: 22.1M parameters, 4.6 GFLOPs, 79.9% ImageNet top-1 (official weights with pretrained=True)."""
+    """DeiT-S 224: 22.1M parameters, 4.6 GMACs, 79.9% ImageNet top-1 (official weights with pretrained=True)."""
     return build_deit("deit_small_patch16_224", pretrained, **kwargs)
 
 
 def deit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> DeiT:
-    """DeiT-B 224: 86.6M parameters, 17.6 GFLOPs, 81.8% ImageNet top-1 (official weights with pretrained=True)."""
+    """DeiT-B 224: 86.6M parameters, 17.6 GMACs, 81.8% ImageNet top-1 (official weights with pretrained=True)."""
     return build_deit("deit_base_patch16_224", pretrained, **kwargs)
 
 
 def deit_base_patch16_384(pretrained: bool = False, **kwargs: Any) -> DeiT:
-    """DeiT-B 384: 86.9M parameters, 55.5 GFLOPs, 82.9% ImageNet top-1 (official weights with pretrained=True)."""
+    """DeiT-B 384: 86.9M parameters, 55.5 GMACs, 82.9% ImageNet top-1 (official weights with pretrained=True)."""
     return build_deit("deit_base_patch16_384", pretrained, **kwargs)
 
 

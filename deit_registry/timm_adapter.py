@@ -278,13 +278,15 @@ def _cache_dir_scope(cache_dir: str | os.PathLike[str] | None) -> Iterator[None]
         return
     import torch.hub
 
-    previous_dir, previous_env = torch.hub.get_dir(), os.environ.get("HF_HUB_CACHE")
+    # Restore torch.hub's own setting (None unless set_dir was called), not get_dir()'s answer: pinning that
+    # would stop later TORCH_HOME changes from taking effect.
+    previous_dir, previous_env = getattr(torch.hub, "_hub_dir", None), os.environ.get("HF_HUB_CACHE")
     torch.hub.set_dir(os.fspath(cache_dir))
     os.environ["HF_HUB_CACHE"] = os.fspath(cache_dir)
     try:
         yield
     finally:
-        torch.hub.set_dir(previous_dir)
+        torch.hub._hub_dir = previous_dir
         if previous_env is None:
             os.environ.pop("HF_HUB_CACHE", None)
         else:
@@ -336,17 +338,9 @@ def build_timm_model(
     from .architecture import DeiT
 
     variant = VARIANTS[name]
-    arch = variant.arch
     if not is_registered_name(name):  # called directly, before timm knew us: the cfg lookup needs our entry
         register_with_timm()
-    options: dict[str, Any] = dict(
-        patch_size=arch.patch_size,
-        embed_dim=arch.embed_dim,
-        depth=arch.depth,
-        num_heads=arch.num_heads,
-        mlp_ratio=arch.mlp_ratio,
-        distilled=arch.distilled,
-    )
+    options: dict[str, Any] = variant.model_kwargs()
     options.update(kwargs)
     if weights is not None and not pretrained:
         raise ValueError("weights= names a checkpoint to load; pass pretrained=True as well")

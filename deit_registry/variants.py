@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
+from typing import Any
 
 OFFICIAL_URL_ROOT = "https://dl.fbaipublicfiles.com/deit/"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -93,6 +94,20 @@ class Variant:
     num_params: int
     gflops: float  # multiply-accumulates at the native resolution, 1000 classes (the paper's "FLOPs")
     paper: str = field(default=PAPER)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The :class:`~deit_registry.architecture.DeiT` arguments that build this variant as published."""
+        a = self.arch
+        return dict(
+            img_size=a.img_size,
+            patch_size=a.patch_size,
+            embed_dim=a.embed_dim,
+            depth=a.depth,
+            num_heads=a.num_heads,
+            mlp_ratio=a.mlp_ratio,
+            distilled=a.distilled,
+            num_classes=self.weights.num_classes,
+        )
 
     @property
     def default_head(self) -> str:

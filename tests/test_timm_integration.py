@@ -185,14 +185,22 @@ def _same(model: torch.nn.Module, state: dict[str, torch.Tensor], skip: tuple[st
     return all(torch.equal(got[k], v) for k, v in state.items() if not k.startswith(skip))
 
 
-def test_pretrained_from_url_overlay_into_cache_dir(tiny_checkpoint, server, tmp_path: Path) -> None:
+def test_pretrained_from_url_overlay_into_cache_dir(
+    tiny_checkpoint, server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path, state = tiny_checkpoint
+    hub_setting = torch.hub._hub_dir
     url = server.add(f"/mirror/{path.name}", Route(path.read_bytes()))
     m = timm.create_model(
         f"{TINY}.fb_in1k", pretrained=True, pretrained_cfg_overlay=dict(url=url), cache_dir=tmp_path / "cache"
     )
     assert _same(m, state)
     assert (tmp_path / "cache" / "checkpoints" / path.name).is_file()  # timm's cache_dir is honoured
+    # ... for that call only: torch.hub's setting is restored, so TORCH_HOME still moves the cache afterwards
+    assert torch.hub._hub_dir == hub_setting
+    if hub_setting is None:
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "elsewhere"))
+        assert torch.hub.get_dir() == str(tmp_path / "elsewhere" / "hub")
     assert m.pretrained_cfg["url"] == url and m.pretrained_cfg["crop_pct"] == 0.875
     # a new head for fine-tuning: the backbone keeps the weights
     m10 = timm.create_model(

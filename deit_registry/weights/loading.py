@@ -71,17 +71,7 @@ def load_pretrained(
             token and head).
     """
     variant = sources.get_variant(variant)
-    arch = variant.arch
-    opts: dict[str, Any] = dict(
-        img_size=arch.img_size,
-        patch_size=arch.patch_size,
-        embed_dim=arch.embed_dim,
-        depth=arch.depth,
-        num_heads=arch.num_heads,
-        mlp_ratio=arch.mlp_ratio,
-        distilled=arch.distilled,
-        num_classes=variant.weights.num_classes,
-    )
+    opts: dict[str, Any] = variant.model_kwargs()
     opts.update(options or {})
     state_dict, file, config = _read(source, variant, progress, ema)
     eps = conversion.config_norm_eps(config)
