@@ -80,16 +80,10 @@ def load_pretrained(
 
     with torch.device("meta"):
         skeleton = DeiT(**opts)
-    expected = skeleton.state_dict()
-    state_dict, fresh = conversion.adapt(
-        state_dict,
-        expected,
-        grid_size=skeleton.patch_embed.grid_size,
-        file=file,
-        config=config,
-        convert_distillation=convert_distillation,
+    state_dict, fresh = _adapt_and_validate(
+        state_dict, skeleton, file, config, convert_distillation, variant.name
     )
-    conversion.validate(state_dict, expected, fresh, file, variant.name)
+    expected = skeleton.state_dict()
     state_dict = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
     if fresh or _has_real_tensors(skeleton):
         # Dropped heads (or a user-supplied head module) need real, initialised parameters: build normally.
@@ -99,6 +93,29 @@ def load_pretrained(
         skeleton.load_state_dict(state_dict, strict=True, assign=True)
         model = skeleton
     return model
+
+
+def _adapt_and_validate(
+    state_dict: dict[str, torch.Tensor],
+    model: DeiT,
+    file: str,
+    config: Any,
+    convert_distillation: bool,
+    name: str | None = None,
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Fit ``state_dict`` to ``model`` (heads, position embedding, channels, tokens) and check all of it before
+    anything is copied, so a failure leaves the model untouched. Returns it with the keys left fresh."""
+    expected = model.state_dict()
+    state_dict, fresh = conversion.adapt(
+        state_dict,
+        expected,
+        grid_size=model.patch_embed.grid_size,
+        file=file,
+        config=config,
+        convert_distillation=convert_distillation,
+    )
+    conversion.validate(state_dict, expected, fresh, file, name)
+    return state_dict, fresh
 
 
 def _has_real_tensors(model: nn.Module) -> bool:
@@ -124,16 +141,7 @@ def load_checkpoint(
             "load_checkpoint needs a source: a file, folder, URL, 'hf-hub:owner/repo' or state dict"
         )
     state_dict, file, config = _read(source, None, progress, ema)
-    expected = model.state_dict()
-    state_dict, fresh = conversion.adapt(
-        state_dict,
-        expected,
-        grid_size=model.patch_embed.grid_size,
-        file=file,
-        config=config,
-        convert_distillation=convert_distillation,
-    )
-    conversion.validate(state_dict, expected, fresh, file)
+    state_dict, fresh = _adapt_and_validate(state_dict, model, file, config, convert_distillation)
     with torch.no_grad():
         model.load_state_dict(state_dict, strict=False)
     eps = conversion.config_norm_eps(config)
