@@ -2,7 +2,7 @@
 
 ::
 
-    python benchmarks/inference.py                                  # tiny + small distilled, batch 1 and 32
+    python benchmarks/inference.py                                  # tiny, small, small distilled; batch 1 and 32
     python benchmarks/inference.py --variants deit_base_patch16_224 --batch-sizes 8 --modes fast --repeats 9
 
 For each variant, timm's model is created with random weights and its state_dict loaded into ours with
@@ -187,8 +187,10 @@ def run_mode(
         with torch.inference_mode():
             return theirs_cast(x_theirs)
 
-    run_ours()  # the first call compiles in the fast modes: time to a ready model
+    out = run_ours()  # the first call compiles in the fast modes: time to a ready model
     ready_s = time.perf_counter() - start
+    with torch.inference_mode():
+        drift = (out.float() - ours(x)).abs().max().item()  # against our eager fp32 model (0 in exact mode)
     run_theirs()
     # The matmul runs in the same rotation, so the rate it sets is the one the models saw (shared machine).
     samples = timed_alternately({"ours": run_ours, "timm": run_theirs, "mm": matmul_fn(dtype)}, repeats)
@@ -202,13 +204,16 @@ def run_mode(
         "timm_mb": peak_forward_memory(run_theirs),
         "ready_s": ready_s,
         "mm_gflops": 2 * MATMUL_N**3 / med["mm"] / 1e9,
+        "drift": drift,
     }, dtype
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--variants", nargs="+", default=["deit_tiny_patch16_224", "deit_small_distilled_patch16_224"]
+        "--variants",
+        nargs="+",
+        default=["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_small_distilled_patch16_224"],
     )
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["exact", "fast"])
@@ -235,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         f"{'variant':34} {'mode':9} {'bs':>3} | {'ours im/s':>9} {'timm im/s':>9} {'speedup':>7} | "
         f"{'ours ms':>8} {'timm ms':>8} | {'ours MiB':>8} {'timm MiB':>8} | {'ours %mm':>8} {'timm %mm':>8} | "
-        f"{'mm GF/s':>7} {'ready s':>7}"
+        f"{'mm GF/s':>7} {'ready s':>7} {'diff fp32':>9}"
     )
     print(header)
     quality_lines = []
@@ -251,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{name:34} {mode:9} {batch:>3} | {batch / r['ours_s']:9.1f} {batch / r['timm_s']:9.1f} "
                     f"{r['speedup']:6.2f}x | {1e3 * r['ours_s']:8.1f} {1e3 * r['timm_s']:8.1f} | "
                     f"{r['ours_mb']:8.1f} {r['timm_mb']:8.1f} | {pct['ours']:7.0f}% {pct['timm']:7.0f}% | "
-                    f"{rate:7.0f} {r['ready_s']:7.1f}",
+                    f"{rate:7.0f} {r['ready_s']:7.1f} {r['drift']:9.1e}",
                     flush=True,
                 )
         if "fast" in args.modes and not args.no_quality:
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         "# speedup = timm time / ours (median of per-repeat ratios); %mm = achieved GFLOP/s / the rate of a "
         "4096^3 matmul in the mode's dtype timed in the same rotation (mm GF/s); ready = seconds to the first "
-        "output (compile included)"
+        "output (compile included); diff fp32 = max abs difference of our logits from our eager fp32 model's"
     )
 
 

@@ -149,11 +149,14 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection (rows ordered q | k | v).
 
-    Normal use runs ``scaled_dot_product_attention``; with ``record_attention`` set (see
-    :func:`deit_registry.inspection.attention_maps`) it computes softmax(QK^T/sqrt(d)) explicitly and keeps
-    the probabilities in ``last_attention``.
+    Normal use runs ``scaled_dot_product_attention`` (``fused_attn=True``). With ``fused_attn=False`` it computes
+    softmax(QK^T/sqrt(d)) V as two matmuls and a softmax, which compiled bf16 CPU inference runs faster than
+    the fused CPU kernel at DeiT's sequence lengths (``deit_registry.fast`` switches it off there). With
+    ``record_attention`` set (see :func:`deit_registry.inspection.attention_maps`) it takes the explicit path
+    and keeps the probabilities in ``last_attention``.
     """
 
+    fused_attn: bool
     record_attention: bool
     last_attention: torch.Tensor | None
 
@@ -170,6 +173,7 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.fused_attn = True
         self.record_attention = False
         self.last_attention: torch.Tensor | None = None
 
@@ -177,13 +181,14 @@ class Attention(nn.Module):
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         dropout_p = self.attn_drop if self.training else 0.0
-        if self.record_attention:
+        if self.fused_attn and not self.record_attention:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             attn = attn.softmax(dim=-1)
-            self.last_attention = attn.detach()
+            if self.record_attention:
+                self.last_attention = attn.detach()
             x = F.dropout(attn, dropout_p, self.training) @ v
-        else:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         x = x.transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(x))
 

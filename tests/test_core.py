@@ -72,6 +72,11 @@ def test_parity_with_timm(name: str) -> None:
                 assert (a - b).abs().max().item() < 1e-5
             ours.eval()
             assert isinstance(ours(x), torch.Tensor)  # eval returns the mean even in distilled training
+        # The explicit attention path (fused_attn=False, what the fast mode uses on CPU) agrees as well.
+        reference.eval()
+        for block in ours.blocks:
+            block.attn.fused_attn = False
+        assert (ours.eval()(x) - reference(x)).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("name", NAMES)

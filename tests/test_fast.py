@@ -4,6 +4,7 @@ No timings here (they live in benchmarks/inference.py). Compiling on 2 CPU cores
 compiles, on a two-block model.
 """
 
+import re
 import warnings
 
 import pytest
@@ -86,15 +87,36 @@ def test_default_call_compiles_and_stays_close_to_fp32():
     fast_probe = fast.optimize_for_inference(probe)  # the documented call: picks dtype and compiles
     # CI's CPU has a C++ compiler and native bf16 (AVX512-BF16), so the default is the full fast path.
     assert fast_probe.compiled and fast_probe.dtype == torch.bfloat16
-    assert_close_to_fp32(probe, fast_probe, x)
-    assert fast_probe.compiled  # no silent fallback happened
-    # Weight freezing took effect: the linears run as pre-packed oneDNN kernels, not addmm + bias copies.
-    from torch.profiler import profile
+    from torch._inductor.utils import run_and_get_code
 
-    with profile() as prof:
-        fast_probe(x)
-    ops = {e.name for e in prof.events()}
-    assert "mkldnn::_linear_pointwise" in ops and "aten::addmm" not in ops
+    # The first call compiles: keep the generated code to check what it calls.
+    _, sources = run_and_get_code(assert_close_to_fp32, probe, fast_probe, x)
+    assert fast_probe.compiled  # no silent fallback happened
+    code = "\n".join(sources)
+    # The C++ wrapper (CPU) generated the calls, and weight freezing took effect: the linears run as
+    # pre-packed oneDNN kernels with bias fused, not addmm + bias copies.
+    assert 'extern "C"' in code
+    assert "_linear_pointwise" in code and not re.search(r"addmm\w*\(", code)
+    # bf16 on CPU: attention runs as two matmuls and a softmax (faster here than the fused CPU kernel).
+    assert "scaled_dot_product" not in code and re.search(r"bmm\w*\(", code)
+
+
+@pytest.mark.parametrize(
+    "device, dtype, fused",
+    [("cpu", torch.bfloat16, False), ("cpu", torch.float16, False), ("cpu", torch.float32, True)]
+    + [("cuda", dt, True) for dt in (torch.bfloat16, torch.float16, torch.float32)],
+)
+def test_attention_implementation_follows_device_and_dtype(device, dtype, fused):
+    model = small_deit()
+    fast._choose_attention(model, torch.device(device), dtype)
+    assert all(block.attn.fused_attn is fused for block in model.blocks)
+
+
+def test_fast_mode_leaves_the_models_attention_switch_alone():
+    model = small_deit()
+    fast_model = fast.optimize_for_inference(model, dtype=torch.bfloat16, compile=False)
+    assert all(b.attn.fused_attn for b in model.blocks)
+    assert not any(b.attn.fused_attn for b in fast_model.model.blocks)
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
@@ -114,6 +136,43 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # later calls run eagerly without warning again
         fast_model(x)
+
+
+def test_recompile_limit_falls_back_loudly(monkeypatch):
+    # Every fast model adds a graph to the one cache Dynamo keeps for DeiT.forward; past the limit the next
+    # model must warn and run eagerly, not silently lose its compiled speed.
+    torch._dynamo.reset()
+    monkeypatch.setattr(fast, "_compile", lambda model, device: torch.compile(model, backend="eager"))
+    monkeypatch.setattr(fast, "_RECOMPILE_LIMIT", 1)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        x = images(2)
+        first = fast.optimize_for_inference(small_deit(), dtype=torch.float32, compile=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            first(x)
+        assert first.compiled
+        model = small_deit()
+        second = fast.optimize_for_inference(model, dtype=torch.float32, compile=True)
+        with pytest.warns(RuntimeWarning, match="already holds 1 compiled DeiT graphs"):
+            out = second(x)
+        assert not second.compiled and first.compiled
+        with torch.inference_mode():
+            torch.testing.assert_close(out, model(x))
+    torch._dynamo.reset()
+
+
+def test_compile_settings_are_scoped():
+    from torch._dynamo import config as dynamo_config
+    from torch._inductor import config as inductor_config
+
+    before = (inductor_config.freezing, inductor_config.cpp_wrapper, dynamo_config.recompile_limit)
+    with fast._compile_settings(torch.device("cpu")):
+        assert inductor_config.freezing and inductor_config.cpp_wrapper
+        assert (
+            dynamo_config.recompile_limit >= fast._RECOMPILE_LIMIT
+            and dynamo_config.fail_on_recompile_limit_hit
+        )
+    assert (inductor_config.freezing, inductor_config.cpp_wrapper, dynamo_config.recompile_limit) == before
 
 
 def test_no_compiler_means_eager_with_warning(monkeypatch):
