@@ -104,6 +104,9 @@ class FastInferenceModel(nn.Module):
         # Kept out of the module tree: the compiled wrapper holds ``model`` again (one copy of the weights in
         # state_dict and repr).
         self.__dict__["_compiled"] = compiled
+        # Input shapes already compiled: their calls skip the compile settings, whose patching costs about
+        # 0.3 ms per call (3% of deit_tiny's batch-1 latency).
+        self._compiled_shapes: set[tuple[int, ...]] = set()
 
     @property
     def compiled(self) -> bool:
@@ -114,9 +117,13 @@ class FastInferenceModel(nn.Module):
         x = x.to(device=self.device, dtype=self.dtype if x.is_floating_point() else x.dtype)
         with torch.inference_mode():
             if self._compiled is not None:
+                # Calls with extra arguments always get the settings: they may need a graph of their own.
+                known = not args and not kwargs and tuple(x.shape) in self._compiled_shapes
                 try:
-                    with _compile_settings(self.device):
+                    with contextlib.nullcontext() if known else _compile_settings(self.device):
                         out = self._compiled(x, *args, **kwargs)
+                    if not args and not kwargs:
+                        self._compiled_shapes.add(tuple(x.shape))
                 except _compile_errors() as err:
                     from torch._dynamo.exc import FailOnRecompileLimitHit
 

@@ -161,6 +161,19 @@ def test_recompile_limit_falls_back_loudly(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_compile_settings_only_for_new_shapes(monkeypatch):
+    entered = []
+    real = fast._compile_settings
+    monkeypatch.setattr(fast, "_compile", lambda model, device: torch.compile(model, backend="eager"))
+    monkeypatch.setattr(fast, "_compile_settings", lambda device: entered.append(device) or real(device))
+    fast_model = fast.optimize_for_inference(small_deit(), dtype=torch.float32, compile=True)
+    fast_model(images(2))
+    fast_model(images(2))  # a compiled shape: no settings (they cost about 0.3 ms a call)
+    assert len(entered) == 1
+    fast_model(images(3))  # a new shape may compile: settings again
+    assert len(entered) == 2 and fast_model.compiled
+
+
 def test_compile_settings_are_scoped():
     from torch._dynamo import config as dynamo_config
     from torch._inductor import config as inductor_config
