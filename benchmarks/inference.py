@@ -5,7 +5,8 @@
     python benchmarks/inference.py                                  # tiny, small, small distilled; batch 1 and 32
     python benchmarks/inference.py --variants deit_base_patch16_224 --batch-sizes 8 --modes fast --repeats 9
 
-For each variant, timm's model is created with random weights and its state_dict loaded into ours with
+For each variant, timm's own model (``timm.models.deit.<name>``: importing deit_registry points timm's registry
+at ours) is created with random weights and its state_dict loaded into ours with
 ``strict=True`` (the fp32 outputs are checked to agree). Modes:
 
 * ``exact``: our default fp32 model against timm's fp32 model, both eager.
@@ -153,10 +154,14 @@ def quality_check(model: nn.Module, n: int = 32) -> dict[str, float]:
 
 
 def build_pair(name: str) -> tuple[nn.Module, nn.Module, float]:
-    import timm
+    # timm's own implementation, from its module function: importing deit_registry registers our models in
+    # timm's registry, so timm.create_model(name) would build ours.
+    import timm.models.deit
 
     torch.manual_seed(0)
-    theirs = timm.create_model(name, pretrained=False).eval()
+    theirs = getattr(timm.models.deit, name)(pretrained=False).eval()
+    if isinstance(theirs, dr.DeiT):
+        raise RuntimeError(f"timm.models.deit.{name} built deit_registry's model, not timm's")
     ours = dr.create_model(name).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(2, 3, *ours.patch_embed.img_size)
