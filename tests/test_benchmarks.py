@@ -1,0 +1,42 @@
+"""The benchmark scripts run, and compare against what they claim to (no timings are asserted here)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import deit_registry as dr
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_inference_benchmark_compares_with_timms_own_model():
+    pytest.importorskip("timm")
+    inference = load_script("inference")
+    ours, theirs, diff = inference.build_pair("deit_tiny_patch16_224")
+    # timm.create_model would return ours once deit_registry is imported; the benchmark must not.
+    assert isinstance(ours, dr.DeiT) and not isinstance(theirs, dr.DeiT)
+    assert type(theirs).__module__.startswith("timm.")
+    assert diff < 1e-5
+
+
+def test_inference_benchmark_runs(capsys):
+    pytest.importorskip("timm")
+    inference = load_script("inference")
+    torch.manual_seed(0)
+    inference.main(
+        ["--variants", "deit_tiny_patch16_224", "--batch-sizes", "1", "--modes", "exact", "--repeats", "1"]
+    )
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("deit_tiny_patch16_224"))
+    assert " exact " in row and row.rstrip().endswith("0.0e+00")  # exact mode: our logits are eager fp32's
