@@ -16,6 +16,7 @@ from typing import Final
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as nn_module  # the global forward-hook registries (see _observed)
 from torch.utils.checkpoint import checkpoint
 
 from .heads import HeadSpec, build_head
@@ -197,8 +198,6 @@ class Attention(nn.Module):
 def _observed(*modules: nn.Module) -> bool:
     """Whether forward hooks (the modules' own, or global ones) could keep a tensor that an in-place op would
     then overwrite."""
-    from torch.nn.modules import module as nn_module
-
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
