@@ -26,7 +26,9 @@ How, on CPU: bf16 weights; inductor with weight freezing, so the linears run as 
 with bias, GELU and the residual add fused; the C++ wrapper; and attention as two batched matmuls around a
 softmax (``Attention.fused_attn = False``), which measured faster here than the fused
 ``scaled_dot_product_attention`` CPU kernel in half precision. On CUDA the fused attention kernels stay. To
-override the choice, set ``fused_attn`` on ``fast.model``'s attention modules before the first call.
+override the choice, set ``fused_attn`` on ``fast.model``'s attention modules before the first call. On every
+device the last block runs for the class (and distillation) tokens only when the head reads nothing else
+(``DeiT.head_tokens_only``): the same outputs, about 7% less compute.
 
 Where a piece is missing it falls back and says so with a warning: no bf16 support -> float32; no C++
 compiler (CPU) or Triton (CUDA), a compile that fails, or too many compiled graphs -> eager execution.
@@ -192,6 +194,15 @@ def _choose_attention(model: nn.Module, device: torch.device, dtype: torch.dtype
             module.fused_attn = fused
 
 
+def _skip_unread_tokens(model: nn.Module) -> None:
+    """Let every DeiT in ``model`` run its last block for the tokens its head reads only (``head_tokens_only``):
+    :meth:`DeiT.forward` checks that the head reads nothing else. Hooks on the last block, which that would
+    change, do not matter here: the fast copy is for inference, not inspection."""
+    for module in model.modules():
+        if isinstance(getattr(module, "head_tokens_only", None), bool):
+            module.head_tokens_only = True
+
+
 def _compile(model: nn.Module, device: torch.device) -> Any:
     # dynamic=False: DeiT runs at a few fixed shapes, and static shapes generate the fastest kernels.
     return torch.compile(model, dynamic=False)
@@ -264,6 +275,7 @@ def optimize_for_inference(
     for p in converted.parameters():
         p.requires_grad_(False)
     _choose_attention(converted, device, dtype)
+    _skip_unread_tokens(converted)
     compiled = None
     if compile is None:
         compile = compiler_available(device)

@@ -35,7 +35,9 @@ class AttentionRecorder:
 
     @property
     def maps(self) -> list[torch.Tensor]:
-        """Attention probabilities of the last forward pass, one ``[B, heads, N, N]`` tensor per layer."""
+        """Attention probabilities of the last forward pass, one ``[B, heads, N, N]`` tensor per layer (the last
+        layer's is ``[B, heads, prefix, N]`` after ``model(x)`` with ``DeiT.head_tokens_only``: only the prefix
+        tokens attended)."""
         maps = [layer.last_attention for layer in self.layers]
         if any(m is None for m in maps):
             raise RuntimeError(
@@ -75,13 +77,14 @@ def attention_to_heatmaps(
     token_index: int = 0,
     image_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """One layer's attention ``[B, heads, N, N]`` -> per-head maps ``[B, heads, H, W]`` of how much token
-    ``token_index`` (0: the class token, 1: the distillation token) attends to each patch.
+    """One layer's attention ``[B, heads, queries, N]`` (queries: N, or the prefix tokens alone) -> per-head maps
+    ``[B, heads, H, W]`` of how much token ``token_index`` (0: the class token, 1: the distillation token)
+    attends to each patch.
 
     Each patch's weight fills its ``patch_size`` x ``patch_size`` square (nearest upsampling, as DINO's
     visualisations); ``image_size`` crops padding away (inputs padded by ``dynamic_img_pad``).
     """
-    b, heads, n, _ = attention.shape
+    b, heads, _, n = attention.shape  # n keys: every token
     gh, gw = grid_size
     if n != num_prefix_tokens + gh * gw:
         raise ValueError(

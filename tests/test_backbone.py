@@ -262,6 +262,17 @@ def test_class_token_heatmaps(model, x):
         torch.testing.assert_close(dist_heat[..., ::8, ::8], last[:, :, 1, npt:].reshape(2, 2, 4, 4))
     with pytest.raises(ValueError, match="prefix token"):
         attention_to_heatmaps(last, (4, 4), npt, 8, token_index=npt)
+    # With head_tokens_only the last layer records the prefix tokens' rows only; the heat maps are the same.
+    model.head_tokens_only = True
+    try:
+        with attention_maps(model) as rec:
+            model(x)
+            prefix_rows = rec.maps[-1]
+    finally:
+        model.head_tokens_only = False
+    assert prefix_rows.shape == (2, 2, npt, npt + 16)
+    torch.testing.assert_close(prefix_rows, last[:, :, :npt], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(attention_to_heatmaps(prefix_rows, (4, 4), npt, 8), heat, atol=1e-6, rtol=1e-5)
 
 
 def test_heatmaps_crop_padding():

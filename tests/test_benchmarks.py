@@ -40,3 +40,11 @@ def test_inference_benchmark_runs(capsys):
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("deit_tiny_patch16_224"))
     assert " exact " in row and row.rstrip().endswith("0.0e+00")  # exact mode: our logits are eager fp32's
+
+
+def test_inference_benchmark_counts_the_fast_modes_executed_flops():
+    """The fast copy skips the last block's patch-token work: its %mm must count what it runs, not more."""
+    inference = load_script("inference")
+    model = dr.create_model("deit_tiny_patch16_224")
+    assert 0.92 < inference.executed_fraction(model) < 0.94  # about 1/12 of the blocks' FLOPs, less k and v
+    assert not model.head_tokens_only  # measured on copies

@@ -72,11 +72,74 @@ def test_parity_with_timm(name: str) -> None:
                 assert (a - b).abs().max().item() < 1e-5
             ours.eval()
             assert isinstance(ours(x), torch.Tensor)  # eval returns the mean even in distilled training
-        # The explicit attention path (fused_attn=False, what the fast mode uses on CPU) agrees as well.
+        # The explicit attention path (fused_attn=False, what the fast mode uses on CPU) agrees as well, and so
+        # does the last block run for the head's tokens only (head_tokens_only, also the fast mode's).
         reference.eval()
+        expected = reference(x)
         for block in ours.blocks:
             block.attn.fused_attn = False
-        assert (ours.eval()(x) - reference(x)).abs().max().item() < 1e-5
+        assert (ours.eval()(x) - expected).abs().max().item() < 1e-5
+        ours.head_tokens_only = True
+        assert (ours(x) - expected).abs().max().item() < 1e-5
+        for block in ours.blocks:
+            block.attn.fused_attn = True
+        assert (ours(x) - expected).abs().max().item() < 1e-5
+
+
+def _flops(model: DeiT, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "deit_base_distilled_patch16_384"])
+def test_head_tokens_only_skips_exactly_the_unread_work(name: str) -> None:
+    """The last block computes queries, projection and MLP for the prefix tokens only; keys and values for
+    all tokens. Everything else is unchanged."""
+    arch = VARIANTS[name].arch
+    model = dr.create_model(name, depth=1)  # one block: the skipped work against a whole block's
+    x = torch.randn(1, 3, arch.img_size, arch.img_size)
+    full = _flops(model, x)
+    model.head_tokens_only = True
+    d, p, hidden = model.embed_dim, model.num_prefix_tokens, model.blocks[0].mlp.fc1.out_features
+    n = model.patch_embed.num_patches + p
+    skipped_macs = (n - p) * (d * d + d * d + 2 * d * hidden) + (n - p) * n * d * 2  # q, proj, MLP; QK^T, AV
+    assert full - _flops(model, x) == 2 * skipped_macs
+
+
+def test_head_tokens_only_applies_only_where_the_head_reads_the_prefix_tokens_alone() -> None:
+    """Average pooling and spatial heads (MIM) read the patch tokens: the flag changes nothing for them, nor
+    for forward_features, which always returns every token."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 224, 224)
+    for kwargs in (dict(global_pool="avg"), dict(head="mim")):
+        model = dr.create_model("deit_tiny_patch16_224", depth=2, **kwargs).eval()
+        with torch.no_grad():
+            before, flops = model(x), _flops(model, x)
+            model.head_tokens_only = True
+            assert torch.equal(model(x), before) and _flops(model, x) == flops
+    model = dr.create_model("deit_tiny_distilled_patch16_224", depth=2).eval()
+    model.head_tokens_only = True
+    with torch.no_grad():
+        assert model.forward_features(x).shape == (2, 198, 192)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-checkpointing"])
+def test_head_tokens_only_trains_with_the_same_gradients(checkpointing: bool) -> None:
+    torch.manual_seed(0)
+    model = dr.create_model("deit_tiny_distilled_patch16_224", depth=2).train()
+    model.set_grad_checkpointing(checkpointing)
+    model.set_distilled_training(True)
+    x = torch.randn(2, 3, 224, 224)
+    grads = []
+    for skip in (False, True):
+        model.zero_grad()
+        model.head_tokens_only = skip
+        cls_logits, dist_logits = model(x)
+        (cls_logits.square().sum() + dist_logits.sum()).backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    for key, grad in grads[0].items():  # equal up to fp32 rounding, relative to the gradient's scale
+        assert (grads[1][key] - grad).abs().max() <= 1e-5 * grad.abs().max(), key
 
 
 def _ops_called(fn) -> set[str]:

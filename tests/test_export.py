@@ -56,6 +56,8 @@ def test_torch_jit_script(distilled):
         other = torch.randn(1, 3, 48, 64)
         torch.testing.assert_close(scripted(other), model(other))
         torch.testing.assert_close(scripted.forward_features(images(1)), model.forward_features(images(1)))
+        scripted.head_tokens_only = True  # the last block for the head's tokens only: scriptable as well
+        torch.testing.assert_close(scripted(images(2)), model(images(2)))
 
 
 @pytest.mark.parametrize("dynamic_batch", [False, True], ids=["fixed", "dynamic"])
