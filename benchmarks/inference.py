@@ -19,7 +19,8 @@ much); every figure is a median over ``--repeats`` samples. Achieved GFLOP/s cou
 image (for our fast modes only the share they execute, see ``executed_fraction``) and is divided by the
 machine's matmul rate in the mode's dtype: a 4096^3 matmul timed in the same rotation as the two models (and
 once at the start, for the header). Peak memory is the tensor memory allocated during one forward
-(torch.profiler), weights excluded. For ``fast`` the run also checks accuracy against fp32 on fixed inputs (see ``quality_check``).
+(torch.profiler), weights excluded. For ``fast`` the run also checks accuracy against fp32 on fixed inputs
+(see ``quality_check``).
 """
 
 from __future__ import annotations
@@ -271,8 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.variants:
         ours, theirs, diff = build_pair(name)
         gflop = 2 * VARIANTS[name].gflops
-        fraction = executed_fraction(ours)
+        fraction = 1.0
         if any(mode != "exact" for mode in args.modes):
+            fraction = executed_fraction(ours)
             notes.append(
                 f"# {name}: the fast modes execute {100 * fraction:.1f}% of its {gflop:.2f} GFLOP per image; "
                 f"their 'ours %mm' counts executed FLOPs (on the model's FLOPs it would be {1 / fraction:.3f}x)"

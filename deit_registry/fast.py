@@ -28,7 +28,8 @@ softmax (``Attention.fused_attn = False``), which measured faster here than the 
 ``scaled_dot_product_attention`` CPU kernel in half precision. On CUDA the fused attention kernels stay. To
 override the choice, set ``fused_attn`` on ``fast.model``'s attention modules before the first call. On every
 device the last block runs for the class (and distillation) tokens only when the head reads nothing else
-(``DeiT.head_tokens_only``): the same outputs, about 7% less compute.
+(``DeiT.head_tokens_only``): the same outputs up to rounding, about 7% less compute (forward hooks on that
+block's modules, if any, see the prefix tokens only).
 
 Where a piece is missing it falls back and says so with a warning: no bf16 support -> float32; no C++
 compiler (CPU) or Triton (CUDA), a compile that fails, or too many compiled graphs -> eager execution.
