@@ -289,10 +289,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
         """``[B, N, D]`` -> ``[B, N, D]``, or with ``num_queries`` the first ``num_queries`` tokens' outputs only
         (see :meth:`Attention.forward`)."""
-        if num_queries is None:
-            x = x + self.drop_path1(self.attn(self.norm1(x)))
-        else:
-            x = x[:, :num_queries] + self.drop_path1(self.attn(self.norm1(x), num_queries))
+        residual = x if num_queries is None else x[:, :num_queries]
+        x = residual + self.drop_path1(self.attn(self.norm1(x), num_queries))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 

@@ -189,19 +189,14 @@ def _choose_attention(model: nn.Module, device: torch.device, dtype: torch.dtype
     per layer compiled, 10.3 against 17.9 eager); in fp32 the two are level, and on CUDA the fused flash /
     memory-efficient kernels win, so those keep it. Modules without a ``fused_attn`` switch are left alone.
     """
-    fused = device.type != "cpu" or dtype == torch.float32
-    for module in model.modules():
-        if isinstance(getattr(module, "fused_attn", None), bool):
-            module.fused_attn = fused
+    _set_switch(model, "fused_attn", device.type != "cpu" or dtype == torch.float32)
 
 
-def _skip_unread_tokens(model: nn.Module) -> None:
-    """Let every DeiT in ``model`` run its last block for the tokens its head reads only (``head_tokens_only``):
-    :meth:`DeiT.forward` checks that the head reads nothing else. Hooks on the last block, which that would
-    change, do not matter here: the fast copy is for inference, not inspection."""
+def _set_switch(model: nn.Module, name: str, value: bool) -> None:
+    """Set the bool attribute ``name`` on every module of ``model`` that has one (others are left alone)."""
     for module in model.modules():
-        if isinstance(getattr(module, "head_tokens_only", None), bool):
-            module.head_tokens_only = True
+        if isinstance(getattr(module, name, None), bool):
+            setattr(module, name, value)
 
 
 def _compile(model: nn.Module, device: torch.device) -> Any:
@@ -276,7 +271,9 @@ def optimize_for_inference(
     for p in converted.parameters():
         p.requires_grad_(False)
     _choose_attention(converted, device, dtype)
-    _skip_unread_tokens(converted)
+    # The last block for the head's tokens only (DeiT.forward checks the head reads nothing else); the hooks
+    # this would change do not matter for an inference-only copy.
+    _set_switch(converted, "head_tokens_only", True)
     compiled = None
     if compile is None:
         compile = compiler_available(device)
