@@ -119,7 +119,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(records)
         return 0
-    rows = [["model", "params", "GFLOPs", "input", "top-1", "top-5", "cached"]]
+    rows = [["model", "params", "GMACs", "input", "top-1", "top-5", "cached"]]
     for r in records:
         rows.append(
             [
@@ -134,7 +134,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         )
     print(_table(rows, right={1, 2, 4, 5}))
     print(
-        "\nImageNet-1k top-1/top-5 (%) with the official evaluation transform; GFLOPs are multiply-accumulates."
+        "\nImageNet-1k top-1/top-5 (%) with the official evaluation transform; GMACs: billions of multiply-accumulates per image."
     )
     return 0
 
@@ -173,7 +173,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(v.name)
     print(f"  parameters       {v.num_params:,}")
     print(
-        f"  GFLOPs           {v.gflops:.2f} (multiply-accumulates of one image at {v.arch.img_size}x{v.arch.img_size})"
+        f"  GMACs            {v.gflops:.2f} (multiply-accumulates of one image at {v.arch.img_size}x{v.arch.img_size})"
     )
     print(f"  default head     {v.default_head}")
     print(f"  paper            {v.paper}")

@@ -139,7 +139,7 @@ def test_list_table_json_cached_column_and_no_torch(env: dict[str, str], workdir
             f"{v.weights.top5:.1f}",
             "yes" if name == TINY else "no",
         ]
-    assert text.splitlines()[0].split() == ["model", "params", "GFLOPs", "input", "top-1", "top-5", "cached"]
+    assert text.splitlines()[0].split() == ["model", "params", "GMACs", "input", "top-1", "top-5", "cached"]
 
     records = json.loads(run(env, "list", "--json").stdout)
     assert [r["name"] for r in records] == list(VARIANTS)
