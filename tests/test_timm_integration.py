@@ -72,6 +72,20 @@ def test_registered_through_timms_public_registry() -> None:
         assert timm_adapter.is_registered()
 
 
+def test_reregistering_over_timms_own_entries_filters_only_our_overwrite_warning() -> None:
+    import importlib
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        importlib.reload(timm.models.deit)  # timm's own deit_* entries are back
+    assert not is_registered() and type(timm.create_model(TINY, device="meta")).__name__ != "DeiT"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # timm's "Overwriting ... in registry" for our names must not escape
+        deit_registry.register_with_timm()
+    assert is_registered() and isinstance(timm.create_model(TINY, device="meta"), DeiT)
+    assert timm.models.get_pretrained_cfg(TINY).crop_pct == 0.875
+
+
 def test_registered_in_this_process() -> None:
     assert is_registered()
     for name in NAMES:
