@@ -185,17 +185,15 @@ def build_deit(variant: str | Variant, pretrained: bool = False, **kwargs: Any) 
     load_options = {k: kwargs.pop(k) for k in LOADER_OPTIONS if k in kwargs}
     options = check_options(variant.name, kwargs)
     device, dtype = options.pop("device", None), options.pop("dtype", None)
-    if not pretrained and load_options:
-        raise ValueError(
-            f"{', '.join(load_options)} need{'s' if len(load_options) == 1 else ''} pretrained=True"
-        )
+    given = [k for k, v in load_options.items() if v is not None]
+    if not pretrained and given:
+        raise ValueError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} pretrained=True as well")
     model_options: dict[str, Any] = variant.model_kwargs()
     model_options.update(options)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         if pretrained:
-            from .weights import (
-                load_pretrained,
-            )  # weights pull in safetensors/huggingface_hub: only when asked
+            # weights pull in safetensors/huggingface_hub: imported only when asked for
+            from .weights import load_pretrained
 
             source = load_options.pop("weights", None)
             model = load_pretrained(variant, model_options, source=source, **load_options)
