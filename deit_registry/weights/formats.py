@@ -219,7 +219,7 @@ def _read_range(f: Any, name: str, info: Any, base: int, size: int, bad: Any) ->
         raise bad(f"entry {name!r} has no valid dtype/shape/data_offsets ({e})") from e
     if any(d < 0 for d in shape):
         raise bad(f"entry {name!r} has a negative dimension {shape}")
-    tensor = torch.empty(shape, dtype=dtype)
+    tensor = torch.empty(shape, dtype=dtype, device="cpu")  # explicit: callers may hold a device context
     nbytes = tensor.numel() * tensor.element_size()
     if not 0 <= start <= end or end - start != nbytes:
         raise bad(f"entry {name!r}: {shape} {info['dtype']} needs {nbytes} bytes, offsets say {end - start}")
