@@ -91,6 +91,8 @@ def _check_readable(path: Path) -> None:
             f"permission denied reading {e.filename or path}: make it readable by this user (e.g. chmod u+r, "
             f"and u+x for a folder) or copy the checkpoint somewhere readable"
         ) from e
+    except OSError as e:
+        raise CheckpointNotFoundError(f"cannot read checkpoint {path}: {e}") from e
 
 
 def read_checkpoint(path: str | Path, ema: bool = False) -> Checkpoint:
