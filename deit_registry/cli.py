@@ -5,7 +5,7 @@
     deit-registry predict deit_tiny_patch16_224 cat.jpg dog.png --topk 3
     deit-registry explain deit_small_patch16_224 cat.jpg -o cat_attention.png
     deit-registry download deit_tiny_patch16_224 deit_small_patch16_224
-    deit-registry convert deit_tiny_patch16_224-a1311bcf.pth tiny/
+    deit-registry convert deit_tiny_patch16_224-a1311bcf.pth tiny/ [--ema] [--force]
     deit-registry validate deit_tiny_patch16_224 --data /data/imagenet/val --batch-size 128 --workers 8
 
 Errors print one line saying what went wrong and what to do, and exit with status 1 (2 for bad usage);
@@ -392,7 +392,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .weights import convert
 
     name = _variant(args.name).name if args.name else None
-    out = convert(args.src, args.dst, name=name, ema=args.ema)
+    out = convert(args.src, args.dst, name=name, ema=args.ema, overwrite=args.force)
     files = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
     print(f"converted {args.src} -> {out} ({files})")
     return 0
@@ -516,7 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dst", help="output folder")
     p.add_argument("--name", help="the variant, when it cannot be read from the checkpoint")
-    p.add_argument("--ema", action="store_true", help="take a training checkpoint's model_ema weights")
+    p.add_argument(
+        "--ema",
+        action="store_true",
+        help="take a training checkpoint's EMA weights (model_ema, or timm train.py's state_dict_ema)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace an existing DST/model.safetensors and config.json"
+    )
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
