@@ -78,10 +78,18 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
-        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
     return torch.float32
+
+
+def _cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 / AMX): the package's one bf16 probe."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # the op moved or is missing in this build: assume emulated
+        return False
 
 
 def compiler_available(device: torch.device) -> bool:
