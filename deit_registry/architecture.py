@@ -286,21 +286,22 @@ class DeiT(nn.Module):
         x = self.patch_embed(x)
         # torch.fx passes every optional argument as a Proxy: an absent mask is then not a mask to apply.
         if bool_masked_pos is not None and (torch.jit.is_scripting() or not _is_fx_proxy(bool_masked_pos)):
+            mask_token = self.mask_token
+            if mask_token is None:
+                raise ValueError(
+                    "bool_masked_pos needs a model built with head='mim' (it owns the mask token)"
+                )
             self._check_mask(bool_masked_pos, x.shape[0], grid)
             mask = bool_masked_pos.reshape(x.shape[0], -1, 1).to(x.dtype)
-            x = x * (1.0 - mask) + self.mask_token.to(x.dtype) * mask
+            x = x * (1.0 - mask) + mask_token.to(x.dtype) * mask
         if self.head_input == "spatial":
             self.feature_grid = grid
         return self._pos_embed(x, grid)
 
     def _check_mask(self, mask: torch.Tensor, batch: int, grid: tuple[int, int]) -> None:
-        if self.mask_token is None:
-            raise ValueError("bool_masked_pos needs a model built with head='mim' (it owns the mask token)")
-        shape = mask.shape
-        flat = mask.dim() == 2 and shape[0] == batch and shape[1] == grid[0] * grid[1]
-        if not flat and not (
-            mask.dim() == 3 and shape[0] == batch and shape[1] == grid[0] and shape[2] == grid[1]
-        ):
+        shape, rank = mask.shape, mask.dim()
+        flat = rank == 2 and shape[0] == batch and shape[1] == grid[0] * grid[1]
+        if not flat and not (rank == 3 and shape[0] == batch and shape[1] == grid[0] and shape[2] == grid[1]):
             raise ValueError(
                 f"bool_masked_pos must have shape [B, num_patches] = [{batch}, {grid[0] * grid[1]}] or "
                 f"[B, h, w] = [{batch}, {grid[0]}, {grid[1]}] for this input; got {list(shape)}"
