@@ -7,7 +7,7 @@
 
     model = dr.create_model("deit_small_distilled_patch16_224", pretrained=True).eval()
     fast = optimize_for_inference(model)          # bf16 weights + torch.compile (inductor, frozen weights)
-    logits = fast(images)                         # float32 in, float32 out; first call compiles (about a minute)
+    logits = fast(images)                         # float32 in, float32 out; first call compiles (slow on small CPUs)
 
 What it trades (the default model is untouched and stays exact fp32):
 
@@ -167,7 +167,7 @@ class FastInferenceModel(nn.Module):
         # state_dict and repr).
         self.__dict__["_compiled"] = compiled
         # Inputs (shape, strides, inference flag: what Dynamo guards on) already compiled: their calls skip the
-        # compile settings, whose patching costs about 0.3 ms per call (3% of deit_tiny's batch-1 latency).
+        # compile settings, whose patching costs a noticeable share of a small model's batch-1 latency.
         self._compiled_inputs: set[tuple[Any, ...]] = set()
 
     @property
@@ -236,9 +236,8 @@ def _choose_attention(model: nn.Module, device: torch.device, dtype: torch.dtype
     """Pick the faster attention implementation for ``device`` and ``dtype`` on each attention layer.
 
     On CPU in bf16/fp16 two batched matmuls around a softmax beat the fused ``scaled_dot_product_attention``
-    kernel at DeiT's sequence lengths (measured for deit_small at 198 tokens, batch 32: 9.8 ms against 20 ms
-    per layer compiled, 10.3 against 17.9 eager); in fp32 the two are level, and on CUDA the fused flash /
-    memory-efficient kernels win, so those keep it. Modules without a ``fused_attn`` switch are left alone.
+    kernel at DeiT's sequence lengths (``benchmarks/`` has the figures); in fp32 the two are level, and on
+    CUDA the fused flash / memory-efficient kernels win, so those keep it. Modules without a ``fused_attn`` switch are left alone.
     """
     _set_switch(model, "fused_attn", device.type != "cpu" or dtype == torch.float32)
 
@@ -325,11 +324,11 @@ def _compile_settings(device: torch.device) -> contextlib.ExitStack:
     """Compiler settings for the compiles that happen inside this call only.
 
     * Weight freezing folds the constant weights into the graph, which on CPU lets inductor pre-pack them for
-      oneDNN and fuse bias, GELU and the residual add into the matmuls (profiled: without it the compiled
-      bf16 model still spends about 15% of its time broadcasting biases into ``addmm`` outputs). It applies
+      oneDNN and fuse bias, GELU and the residual add into the matmuls (without it the compiled bf16 model
+      spends a sizeable share of its time broadcasting biases into ``addmm`` outputs). It applies
       only with grad disabled, which the wrapper guarantees.
-    * On CPU, the C++ wrapper calls the kernels from generated C++ instead of Python: measured 3-8% lower
-      batch-1 latency for deit_tiny/deit_small (no change at batch 32), for a few more seconds of compiling.
+    * On CPU, the C++ wrapper calls the kernels from generated C++ instead of Python: lower batch-1 latency
+      for the small variants (no change at large batches), for a few more seconds of compiling.
     * Dynamo's recompile limit is raised to ``_RECOMPILE_LIMIT`` entries, and hitting it raises instead of
       quietly running eagerly, so the wrapper can fall back with a warning.
 
