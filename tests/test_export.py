@@ -25,6 +25,7 @@ def images(batch: int) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
 
 
+@pytest.mark.slow  # compiles with inductor: about a minute on 2 CPU cores
 def test_torch_compile_dynamic_batch_without_recompiling():
     model = tiny(distilled=True)
     compiled = torch.compile(model, dynamic=True)

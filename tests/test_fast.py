@@ -90,6 +90,7 @@ def test_bf16_eager_close_to_fp32():
 NATIVE_BF16 = fast.pick_dtype(torch.device("cpu")) is torch.bfloat16  # the package's own probe
 
 
+@pytest.mark.slow  # compiles with inductor and the C++ wrapper: about a minute on 2 CPU cores
 @pytest.mark.parametrize("bf16", ["probed", "forced-off"])
 def test_default_call_compiles_and_stays_close_to_fp32(bf16, monkeypatch):
     """The documented call picks the dtype with the package's probe and compiles. ``forced-off`` runs the
