@@ -190,18 +190,21 @@ def quality_check(model: nn.Module, n: int = 32) -> dict[str, float]:
 
 def executed_fraction(model: nn.Module) -> float:
     """The share of the model's FLOPs that its fast copy executes (it skips the last block's work on tokens
-    the head never reads: ``DeiT.head_tokens_only``), counted by ``torch.utils.flop_counter`` on one image."""
+    the head never reads: ``deit_registry.fast.InferenceBlock``), counted by ``torch.utils.flop_counter`` on
+    one image with attention as explicit matmuls (the counter misses CPU scaled_dot_product_attention in some
+    torch releases)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.randn(1, 3, *model.patch_embed.img_size)
-    counts = {}
-    for skip in (False, True):
-        probe = copy.deepcopy(model)
-        probe.head_tokens_only = skip
+    counts = []
+    for probe in (copy.deepcopy(model), optimize_for_inference(model, dtype=torch.float32, compile=False)):
+        for m in probe.modules():
+            if isinstance(getattr(m, "fused_attn", None), bool):
+                m.fused_attn = False
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             probe(x)
-        counts[skip] = counter.get_total_flops()
-    return counts[True] / counts[False]
+        counts.append(counter.get_total_flops())
+    return counts[1] / counts[0]
 
 
 def build_pair(name: str) -> tuple[nn.Module, nn.Module, float]:
