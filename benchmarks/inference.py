@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     quality_lines, notes = [], []
     for name in args.variants:
         ours, theirs, diff = build_pair(name)
-        gflop = 2 * VARIANTS[name].gflops
+        gflop = 2 * VARIANTS[name].gmacs
         fraction = 1.0
         if any(mode != "exact" for mode in args.modes):
             fraction = executed_fraction(ours)

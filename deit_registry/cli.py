@@ -101,7 +101,7 @@ def _list_record(v: Variant, cached: bool) -> dict[str, Any]:
     return {
         "name": v.name,
         "params": v.num_params,
-        "gflops": v.gflops,
+        "gmacs": v.gmacs,
         "input_size": list(v.weights.input_size),
         "top1": v.weights.top1,
         "top5": v.weights.top5,
@@ -125,7 +125,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             [
                 r["name"],
                 f"{r['params'] / 1e6:.1f}M",
-                f"{r['gflops']:.2f}",
+                f"{r['gmacs']:.2f}",
                 f"{r['input_size'][1]}x{r['input_size'][2]}",
                 f"{r['top1']:.1f}",
                 f"{r['top5']:.1f}",
@@ -149,7 +149,7 @@ def _info_record(v: Variant) -> dict[str, Any]:
     return {
         "name": v.name,
         "num_params": v.num_params,
-        "gflops": v.gflops,
+        "gmacs": v.gmacs,
         "default_head": v.default_head,
         "paper": v.paper,
         "architecture": arch,
@@ -173,7 +173,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(v.name)
     print(f"  parameters       {v.num_params:,}")
     print(
-        f"  GMACs            {v.gflops:.2f} (multiply-accumulates of one image at {v.arch.img_size}x{v.arch.img_size})"
+        f"  GMACs            {v.gmacs:.2f} (multiply-accumulates of one image at {v.arch.img_size}x{v.arch.img_size})"
     )
     print(f"  default head     {v.default_head}")
     print(f"  paper            {v.paper}")

@@ -95,7 +95,7 @@ class Variant:
     arch: Architecture
     weights: PretrainedWeights
     num_params: int
-    gflops: float  # multiply-accumulates at the native resolution, 1000 classes (the paper's "FLOPs")
+    gmacs: float  # billions of multiply-accumulates at the native resolution, 1000 classes (the paper's "FLOPs")
     paper: str = field(default=PAPER)
 
     def model_kwargs(self) -> dict[str, Any]:
@@ -130,7 +130,7 @@ def _variant(
     distilled: bool,
     sha8: str,
     num_params: int,
-    gflops: float,
+    gmacs: float,
     top1: float,
     top5: float,
 ) -> Variant:
@@ -150,7 +150,7 @@ def _variant(
             input_size=(3, res, res),
         ),
         num_params=num_params,
-        gflops=gflops,
+        gmacs=gmacs,
     )
 
 

@@ -179,7 +179,7 @@ def test_metadata_and_sizes(name: str) -> None:
     assert isinstance(model.blocks, torch.nn.Sequential) and len(model.blocks) == 12
     flops = explicit_attention_flops(model, torch.randn(1, 3, size, size))
     assert flops == 2 * closed_form_macs(model, (size, size))
-    assert abs(flops / 2e9 - v.gflops) < 0.01
+    assert abs(flops / 2e9 - v.gmacs) < 0.01
 
 
 @pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
@@ -203,7 +203,7 @@ def test_readme_model_table_matches_variants() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for v in VARIANTS.values():
         w = v.weights
-        row = f"| `{v.name}` | {v.num_params:,} | {v.gflops:.2f} | {w.input_size[1]}x{w.input_size[2]} | {w.top1} | {w.top5} |"
+        row = f"| `{v.name}` | {v.num_params:,} | {v.gmacs:.2f} | {w.input_size[1]}x{w.input_size[2]} | {w.top1} | {w.top5} |"
         assert row in readme, f"README row for {v.name} is out of date"
 
 
