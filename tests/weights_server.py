@@ -25,6 +25,7 @@ class Route:
     chunked: bool = False  # Transfer-Encoding: chunked (drop_after then cuts it inside a chunk)
     silent: bool = False  # accept the request and never answer
     trickle_s: float = 0.0  # send one byte every trickle_s seconds
+    fail_first: int = 0  # answer the first fail_first GETs with HTTP 500
 
 
 class WeightsServer:
@@ -53,6 +54,8 @@ class WeightsServer:
                 route = owner.routes.get(self.path.split("?")[0])
                 if route is None:
                     route = Route(b"not found", 404, headers={"X-Error-Code": "EntryNotFound"})
+                if not head and owner.gets[self.path.split("?")[0]] <= route.fail_first:
+                    route = Route(b"temporarily unavailable", 500)
                 if route.silent:
                     owner.closing.wait(60)
                     self.close_connection = True

@@ -63,7 +63,8 @@ def cache_dir() -> Path:
 
 
 def file_name(url: str) -> str:
-    name = Path(urllib.parse.urlparse(url).path).name
+    path = urllib.parse.urlparse(url).path
+    name = path.rsplit("/", 1)[-1]  # not Path(path).name, which would call ".../folder/" "folder"
     if not name or name in (".", ".."):
         raise InvalidSourceError(
             f"the URL {url!r} names no file (its path ends in '/'). Give the URL of the weights file itself, "
