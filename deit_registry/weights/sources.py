@@ -159,17 +159,24 @@ def default_weights(variant: Variant, progress: bool = True) -> Path:
         assert found is not None
         return found
     except (DownloadError, CheckpointNotFoundError) as e:  # unreachable, stalled, 5xx, or no such file
-        reason = " ".join(str(e).split(". ")[:1])
-        host = urllib.parse.urlparse(url).netloc
-        if variant.name not in _fallback_warned:
+        reason = str(e).split(". ")[0]
+        unreachable = isinstance(e, DownloadError) and reason.startswith("cannot connect")
+        # An unreachable Hub is the normal case behind a firewall: logged. A Hub that answers but fails is not:
+        # warned, once per variant and process.
+        if not unreachable and variant.name not in _fallback_warned:
             _fallback_warned.add(variant.name)
             warnings.warn(
                 f"{variant.name}: the Hub copy (hf-hub:{repo}) could not be used ({reason}); using the official "
-                f"file from {host} instead",
+                f"file from {urllib.parse.urlparse(url).netloc} instead",
                 stacklevel=3,
             )
-        logger.info("%s: weights from %s (Hub fallback)", variant.name, url)
-        return fetch_url(url, hash_prefix=variant.weights.sha256_prefix, progress=progress, shared=True)
+        logger.info("%s: the Hub copy could not be used (%s); weights from %s", variant.name, reason, url)
+        try:
+            return fetch_url(url, hash_prefix=variant.weights.sha256_prefix, progress=progress, shared=True)
+        except DownloadError as fallback_error:
+            raise DownloadError(
+                f"{fallback_error} (the Hub copy hf-hub:{repo} was tried first: {reason})"
+            ) from fallback_error
 
 
 def fetch_hf_hub(hub_id: str, progress: bool = True) -> Path:

@@ -1,8 +1,9 @@
 """http(s) downloads into torch.hub's cache: keyed by the whole URL, recorded, validated, bounded in time.
 
-* Cache key: the variant's official file keeps torch.hub's shared ``$TORCH_HOME/hub/checkpoints/<file>`` (its
-  name carries its sha256 prefix, so timm and torchvision share it); any other URL gets its own folder
-  ``checkpoints/<sha256(url)[:16]>/<file>``, so ``.../a/model.pth`` and ``.../b/model.pth`` never collide.
+* Cache key: a file whose name carries its sha256 prefix (``<name>-<hex8>.pth``, the official files) keeps
+  torch.hub's shared ``$TORCH_HOME/hub/checkpoints/<file>`` (timm and torchvision share it; the prefix is
+  checked on every hit); any other URL gets its own folder ``checkpoints/<sha256(url)[:16]>/<file>``, so
+  ``.../a/model.pth`` and ``.../b/model.pth`` (or ``?v=1`` and ``?v=2``) never collide.
 * Record: beside each file, ``<file>.deit-registry.json`` holds its URL, size and sha256, written atomically
   before the file takes its name. A cache hit is checked against it (and against the 8-hex prefix of an
   official name); a hit that fails is deleted with a warning and downloaded again.
@@ -73,15 +74,21 @@ def file_name(url: str) -> str:
     return name
 
 
-def cache_path(url: str, shared: bool = False) -> Path:
-    """Where ``url`` is cached: ``checkpoints/<file>`` if ``shared`` (official names), else a folder per URL."""
+def cache_path(url: str, shared: bool | None = None) -> Path:
+    """Where ``url`` is cached: ``checkpoints/<file>`` if ``shared``, else a folder per URL. By default a name
+    that carries its sha256 prefix (``name-<hex8>.pth``, the official files) is shared, as torch.hub and timm do:
+    its content is pinned by the name and checked on download and on every hit."""
     name = file_name(url)
+    if shared is None:
+        shared = HASH_IN_NAME.search(name) is not None
     if shared:
         return cache_dir() / name
     return cache_dir() / hashlib.sha256(url.encode("utf-8")).hexdigest()[:16] / name
 
 
-def fetch_url(url: str, hash_prefix: str | None = None, progress: bool = True, shared: bool = False) -> Path:
+def fetch_url(
+    url: str, hash_prefix: str | None = None, progress: bool = True, shared: bool | None = None
+) -> Path:
     """The cached file of ``url``, downloaded once (locked, validated, recorded) if needed."""
     dst = cache_path(url, shared)
     if _valid_hit(dst, url, hash_prefix, repair=False):
