@@ -36,7 +36,7 @@ from deit_registry.errors import (
     OfflineError,
 )
 from deit_registry.variants import VARIANTS
-from deit_registry.weights import sources
+from deit_registry.weights import hubfetch, sources
 from deit_registry.weights.urlfetch import RECORD_SUFFIX, cache_path
 
 TINY = "deit_tiny_patch16_224"
@@ -260,7 +260,7 @@ def test_1_torch_only_uses_the_official_file_and_names_the_package(env, server, 
         f"""
         import dataclasses, sys
         from deit_registry.variants import VARIANTS
-        from deit_registry.weights import sources
+        from deit_registry.weights import hubfetch, sources
         from deit_registry.errors import MissingDependencyError
         v = VARIANTS["{TINY}"]
         VARIANTS["{TINY}"] = dataclasses.replace(v, weights=dataclasses.replace(v.weights, file_name="{name}"))
@@ -361,6 +361,34 @@ def test_3_a_killed_download_leaves_nothing_the_next_load_keeps(env, server, pth
     server.add("/slow/model.pth", Route(pth["ref"]))
     assert _equal(_load(url), models["ref"])
     assert _partials(env) == [] and cache_path(url).is_file()
+
+
+def test_3_a_killed_hub_download_is_finished_by_the_next_load(env, server, st, models):
+    """huggingface_hub keeps ``blobs/*.incomplete`` under its own lock; the next load completes it (our server
+    ignores Range, so it starts over) and nothing partial remains."""
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    slow = dataclasses.replace(server.routes[_hub_path()], delay_s=10)  # writes come in 10 MB pieces
+    server.routes[_hub_path()] = slow
+    code = f"from deit_registry.weights import download; download('{TINY}', progress=False)"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "DEIT_REGISTRY_DOWNLOAD_TIMEOUT": "60"},
+    )
+    hub = env / "hf" / "hub"
+    deadline = time.monotonic() + 60
+    while not any(p.stat().st_size for p in hub.rglob("*.incomplete")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    hubfetch.clean_partials(HUB_REPO)  # a live download holds the lock: its partial stays
+    assert len(_partials(hub)) == 1
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert len(_partials(hub)) == 1 and not weights.is_cached(TINY)
+    server.routes[_hub_path()] = dataclasses.replace(slow, delay_s=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the Hub copy, no fallback
+        assert _equal(_load(), models["ref"])
+    assert _partials(env) == [] and weights.is_cached(TINY)
 
 
 # ------------------------------------------------------------------------------------------- 4. bounded time

@@ -137,6 +137,9 @@ def fetch(
             f"cannot connect to the Hub at {host} to fetch {filename} of {where}, and it is not cached. {FIXES}"
         )
 
+    if not offline:
+        clean_partials(repo)
+
     def call() -> str:
         with _progress(progress):
             return hf_hub_download(
@@ -184,6 +187,38 @@ def fetch(
         raise netlimits.not_writable(cache_dir() or "the Hugging Face cache (HF_HOME)", e) from e
     except (HfHubHTTPError, OSError) as e:
         raise DownloadError(f"fetching {filename} of {where} from {host} failed: {e}. {FIXES}") from e
+
+
+def clean_partials(repo: str) -> None:
+    """Delete ``blobs/<etag>.<tag>.incomplete`` files of ``repo`` left by killed downloads.
+
+    huggingface_hub writes each download to a process-unique ``.incomplete`` file under the lock
+    ``.locks/<repo folder>/<etag>.lock`` and never removes one left by a killed process. No public API cleans
+    them, so this one function relies on that documented cache layout: a partial is removed only if its lock
+    can be taken at once (no live download holds it). Any surprise (another layout) skips with a warning.
+    """
+    try:
+        from filelock import FileLock, Timeout
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+
+        root = Path(cache_dir() or constants.HF_HUB_CACHE)
+        folder = repo_folder_name(repo_id=repo, repo_type="model")
+        for partial in (root / folder / "blobs").glob("*.incomplete"):
+            lock = FileLock(str(root / ".locks" / folder / (partial.name.split(".")[0] + ".lock")), timeout=0)
+            try:
+                with lock:
+                    partial.unlink(missing_ok=True)
+            except Timeout:  # a live download holds it
+                continue
+    except Exception as e:  # never let housekeeping break a download
+        import warnings
+
+        warnings.warn(
+            f"could not clean partial Hub downloads of {repo} ({type(e).__name__}: {e}); they stay in the "
+            f"Hugging Face cache and can be deleted by hand (`hf cache` or the blobs/*.incomplete files)",
+            stacklevel=3,
+        )
 
 
 class _progress:
