@@ -341,6 +341,16 @@ def test_3_html_page_with_http_200_is_not_cached(env, server):
     assert _files(env / "torch") == []
 
 
+def test_3_an_html_page_from_the_hub_is_not_kept_in_its_cache(env, server, st, models):
+    page = b"<html><body>mirror error</body></html>"
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", page)
+    with pytest.raises(DownloadError, match="not a whole checkpoint"):
+        _load(f"hf-hub:{HUB_REPO}")
+    assert [f for f in _files(env / "hf") if "/blobs/" in f or f.endswith("model.safetensors")] == []
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    assert _equal(_load(f"hf-hub:{HUB_REPO}"), models["ref"])
+
+
 def test_3_a_killed_download_leaves_nothing_the_next_load_keeps(env, server, pth, models):
     url = server.add("/slow/model.pth", Route(pth["ref"], delay_s=30))
     code = f"from deit_registry.weights import download; download('{TINY}', {url!r}, progress=False)"

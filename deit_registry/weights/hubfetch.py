@@ -23,6 +23,7 @@ from ..errors import (
     InvalidSourceError,
     MissingDependencyError,
     OfflineError,
+    WeightsError,
 )
 from . import netlimits
 from .netlimits import FIXES, Deadline
@@ -159,7 +160,9 @@ def fetch(
         )
 
     try:
-        return Path(netlimits.run_with_deadline(call, max(0.0, deadline.left()), timed_out))
+        path = Path(netlimits.run_with_deadline(call, max(0.0, deadline.left()), timed_out))
+    except WeightsError:
+        raise
     except HFValidationError as e:
         raise InvalidSourceError(
             f"{where!r} is not a Hub id: expected the form 'hf-hub:owner/repo[@revision]', e.g. "
@@ -187,6 +190,32 @@ def fetch(
         raise netlimits.not_writable(cache_dir() or "the Hugging Face cache (HF_HOME)", e) from e
     except (HfHubHTTPError, OSError) as e:
         raise DownloadError(f"fetching {filename} of {where} from {host} failed: {e}. {FIXES}") from e
+    if filename.endswith((".safetensors", ".bin", ".pth")):
+        _check_or_evict(path, filename, where)
+    return path
+
+
+def _check_or_evict(path: Path, filename: str, where: str) -> None:
+    """huggingface_hub checks only the size of what it stores: make sure it is a whole checkpoint (not, say, a
+    mirror's HTML page), else remove that revision with its public cache API and raise."""
+    from huggingface_hub import scan_cache_dir
+
+    from .urlfetch import validate_download
+
+    try:
+        validate_download(path, filename, where)
+        return
+    except Exception as e:  # _Transient (truncated) or DownloadError (not a checkpoint)
+        problem = e
+    try:
+        cache = scan_cache_dir(cache_dir())
+        cache.delete_revisions(path.parent.name).execute()
+    except Exception as e:  # the error below still tells the user what to delete
+        problem = DownloadError(f"{problem}; removing it from the Hugging Face cache failed too ({e})")
+    raise DownloadError(
+        f"the Hub ({endpoint()}) served {filename} of {where} but it is not a whole checkpoint ({problem}); it "
+        f"was removed from the Hugging Face cache. Try again, or check HF_ENDPOINT"
+    ) from None
 
 
 def clean_partials(repo: str) -> None:
