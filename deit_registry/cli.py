@@ -61,7 +61,19 @@ def _is_cached(name: str) -> bool:
     A test keeps the two in agreement.
     """
     if "torch" not in sys.modules:
-        return os.path.isfile(os.path.join(_hub_checkpoints_dir(), VARIANTS[name].weights.file_name))
+        if os.path.isfile(os.path.join(_hub_checkpoints_dir(), VARIANTS[name].weights.file_name)):
+            return True
+        # The default order looks in the Hugging Face cache first (as weights.hubfetch.cached_file does, but
+        # without importing deit_registry.weights, which imports torch).
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return False
+        hub_cache = os.getenv("HF_HUB_CACHE") or (
+            os.path.join(os.environ["HF_HOME"], "hub") if os.getenv("HF_HOME") else None
+        )
+        found = try_to_load_from_cache(f"timm/{name}.fb_in1k", "model.safetensors", cache_dir=hub_cache)
+        return isinstance(found, str) and os.path.isfile(found)
     from .weights import is_cached
 
     return bool(is_cached(name))
@@ -497,13 +509,17 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(p)
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("download", parents=[common], help="pre-fetch official weights into the cache")
+    p = sub.add_parser(
+        "download",
+        parents=[common],
+        help="pre-fetch weights into the cache: timm's Hub copy, else the official file (as pretrained=True)",
+    )
     p.add_argument("models", nargs="*", metavar="MODEL")
     p.add_argument("--all", action="store_true", help="all eight models")
     p.add_argument(
         "--weights",
         metavar="URL|HUB_ID",
-        help="fetch this source (an http(s) URL or hf-hub:owner/repo) instead of the official file; one MODEL",
+        help="fetch this source (an http(s) URL or hf-hub:owner/repo[@revision]) instead; one MODEL",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_download)

@@ -35,7 +35,24 @@ class CheckpointNotFoundError(WeightsError, FileNotFoundError):
 
 
 class DownloadError(WeightsError, OSError):
-    """An HTTP error, an unreachable server or a connection dropped mid-download (nothing is left cached)."""
+    """An HTTP error, an unreachable or stalled server (past ``DEIT_REGISTRY_DOWNLOAD_TIMEOUT``), a connection
+    dropped mid-download, or a body that is not a checkpoint (an HTML page, a truncated file). Nothing is left
+    cached; the message names the host and the fixes (a mirror, the offline cache, ``weights=PATH``)."""
+
+
+class InvalidSourceError(WeightsError, ValueError):
+    """A source that cannot name weights: ``hf-hub:`` not of the form ``owner/repo[@revision]``, or a URL
+    with no file name."""
+
+
+class MissingDependencyError(WeightsError, ImportError):
+    """The source needs an optional package (``huggingface_hub`` for ``hf-hub:``, ``safetensors`` for
+    ``.safetensors`` files); the message says what to ``pip install``."""
+
+
+class CacheNotWritableError(WeightsError, PermissionError):
+    """The download cache folder cannot be written; the message names it and how to move the cache
+    (``TORCH_HOME``, ``HF_HUB_CACHE`` / ``HF_HOME``)."""
 
 
 class HashMismatchError(WeightsError):

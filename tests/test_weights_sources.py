@@ -29,6 +29,7 @@ from deit_registry.errors import (
     WeightsError,
 )
 from deit_registry.variants import VARIANTS
+from deit_registry.weights.urlfetch import RECORD_SUFFIX, cache_path
 
 TINY = "deit_tiny_patch16_224"
 HUB_REPO = "timm/deit_tiny_patch16_224.fb_in1k"
@@ -107,7 +108,7 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _assert_clean(cache: Path, name: str) -> None:
     """Nothing but lock files is left in the cache: no partial download, no corrupt file under the real name."""
-    left = sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+    left = sorted(p.name for p in cache.rglob("*") if p.is_file()) if cache.exists() else []
     assert [n for n in left if not n.endswith(".lock")] == [], left
     assert not (cache / name).exists()
 
@@ -127,14 +128,14 @@ def test_official_weights_download_once_check_hash_and_load(
     again = dr.create_model(TINY, pretrained=True)  # from the cache: no second request
     assert _equal(again, reference) and server.gets[path] == 1
     assert weights.download(TINY) == env / name
-    assert [p.name for p in env.iterdir() if not p.name.endswith(".lock")] == [name]
+    assert [p.name for p in env.iterdir() if not p.name.endswith(".lock")] == [name, name + RECORD_SUFFIX]
 
 
 def test_url_source_checks_hash_in_its_name(env, server, official_bytes, reference):
     name = f"{TINY}-{hashlib.sha256(official_bytes).hexdigest()[:8]}.pth"
     url = server.add(f"/url/{name}", Route(official_bytes))
     model = dr.create_model(TINY, pretrained=True, weights=url, progress=False)
-    assert _equal(model, reference) and (env / name).is_file()
+    assert _equal(model, reference) and cache_path(url) == env / name
 
 
 def test_hash_mismatch_deletes_download(env, server, monkeypatch, official_bytes, other):
@@ -160,7 +161,7 @@ def test_http_error(env, server, status, other):
     with pytest.raises(DownloadError) as e:
         weights.load_checkpoint(other, url, progress=False)
     msg = str(e.value)
-    assert name in msg and f"HTTP {status}" in msg and "pass weights=PATH" in msg
+    assert name in msg and f"HTTP {status}" in msg and "weights=PATH" in msg
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
     _assert_clean(env, name)
 
@@ -254,9 +255,9 @@ def test_two_processes_download_once(env, server, monkeypatch, tmp_path, officia
         assert p.returncode == 0, err
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert max(r["start"] for r in results) < min(r["end"] for r in results)  # they overlapped
-    assert {r["path"] for r in results} == {str(env / name)}
+    assert {r["path"] for r in results} == {str(cache_path(url))}
     assert server.gets[path] == 1
-    assert (env / name).read_bytes() == official_bytes
+    assert cache_path(url).read_bytes() == official_bytes
 
 
 # ---------------------------------------------------------------------------------------- Hugging Face Hub

@@ -1,5 +1,7 @@
-"""A local HTTP server on 127.0.0.1 for the weights tests: static files, error codes, dropped connections,
-slow bodies, and enough of the Hugging Face Hub's ``resolve`` API for ``huggingface_hub.hf_hub_download``."""
+"""A fault-injecting HTTP server on 127.0.0.1 for the weights tests: static files, error codes, dropped
+connections (with or without Content-Length, chunked bodies cut short), slow and trickling bodies, a server
+that accepts and never answers, and enough of the Hugging Face Hub's ``resolve`` API for
+``huggingface_hub.hf_hub_download`` (a Hub stand-in reached through ``HF_ENDPOINT``)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ class Route:
     drop_after: int | None = None  # send the full Content-Length, then close after this many bytes
     delay_s: float = 0.0  # spread the body over about this long (to overlap concurrent clients)
     headers: dict[str, str] = field(default_factory=dict)
+    content_length: bool = True  # False: no Content-Length, the body ends when the connection closes
+    chunked: bool = False  # Transfer-Encoding: chunked (drop_after then cuts it inside a chunk)
+    silent: bool = False  # accept the request and never answer
+    trickle_s: float = 0.0  # send one byte every trickle_s seconds
+    fail_first: int = 0  # answer the first fail_first GETs with HTTP 500
 
 
 class WeightsServer:
@@ -27,6 +34,7 @@ class WeightsServer:
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
         self.gets: Counter[str] = Counter()
+        self.closing = threading.Event()
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -46,14 +54,41 @@ class WeightsServer:
                 route = owner.routes.get(self.path.split("?")[0])
                 if route is None:
                     route = Route(b"not found", 404, headers={"X-Error-Code": "EntryNotFound"})
+                if not head and owner.gets[self.path.split("?")[0]] <= route.fail_first:
+                    route = Route(b"temporarily unavailable", 500)
+                if route.silent:
+                    owner.closing.wait(60)
+                    self.close_connection = True
+                    return
                 self.send_response(route.status)
-                self.send_header("Content-Length", str(len(route.body)))
+                if route.chunked and not head:
+                    self.send_header("Transfer-Encoding", "chunked")
+                elif route.content_length or head:
+                    self.send_header("Content-Length", str(len(route.body)))
+                else:
+                    self.send_header("Connection", "close")
                 for k, v in route.headers.items():
                     self.send_header(k, v)
                 self.end_headers()
                 if head:
                     return
                 body = route.body if route.drop_after is None else route.body[: route.drop_after]
+                if route.chunked:
+                    self.wfile.write(b"%x\r\n" % len(route.body) + body)
+                    if route.drop_after is None:
+                        self.wfile.write(b"\r\n0\r\n\r\n")
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if route.trickle_s:
+                    for i in range(len(body)):
+                        if owner.closing.wait(route.trickle_s):
+                            break
+                        self.wfile.write(body[i : i + 1])
+                        self.wfile.flush()
+                    self.close_connection = True
+                    return
                 chunks = max(1, int(route.delay_s / 0.05))
                 step = max(1, len(body) // chunks)
                 for i in range(0, len(body), step):
@@ -62,12 +97,13 @@ class WeightsServer:
                         self.wfile.flush()
                         time.sleep(0.05)
                 self.wfile.flush()
-                if route.drop_after is not None:
+                if route.drop_after is not None or not route.content_length:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False  # silent and trickling handlers end when closing is set
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
         self.root = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -90,5 +126,6 @@ class WeightsServer:
             self.routes[f"/{repo}/resolve/{rev}/{filename}"] = Route(body, headers=headers)
 
     def close(self) -> None:
+        self.closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()

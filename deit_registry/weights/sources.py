@@ -2,51 +2,68 @@
 
 Sources (:func:`resolve`):
 
-* ``None`` - the variant's official file, ``<DEIT_REGISTRY_URL_ROOT or https://dl.fbaipublicfiles.com/deit/>
-  <name>-<hash8>.pth``, cached in torch.hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``);
-* an ``http(s)://`` URL - the same downloader and cache; a name ending ``-<hex>.ext`` has its sha256 prefix
-  checked like torch.hub's ``check_hash``;
-* ``hf-hub:owner/repo[@revision]`` - through ``huggingface_hub`` (its cache, progress bar, offline mode);
+* ``None`` - the variant's weights in the default order, like timm: timm's copy on the Hugging Face Hub
+  (``hf-hub:timm/<name>.fb_in1k``, file ``model.safetensors``, through huggingface_hub so its cache,
+  ``HF_ENDPOINT`` mirrors, tokens and ``HF_HUB_OFFLINE`` apply), then the official file
+  ``<DEIT_REGISTRY_URL_ROOT or https://dl.fbaipublicfiles.com/deit/><name>-<hash8>.pth`` (sha256-prefix
+  checked, cached in ``$TORCH_HOME/hub/checkpoints``) when the Hub cannot be reached or lacks the file. Offline,
+  whichever of the two caches holds the weights is used, else :class:`~deit_registry.errors.OfflineError` at
+  once. Without huggingface_hub and safetensors (torch alone, e.g. torch.hub) the official file is used;
+* an ``http(s)://`` URL - downloaded into a cache folder of its own (:mod:`.urlfetch`); a name ending
+  ``-<hex>.ext`` has its sha256 prefix checked like torch.hub's ``check_hash``;
+* ``hf-hub:owner/repo[@revision]`` - through huggingface_hub, never rerouted (:mod:`.hubfetch`);
 * a local file or folder - used as it is.
 
-Downloads go to a temporary file in the cache folder and are renamed into place only when complete and
-hash-checked, under a file lock, so a dropped connection never leaves a corrupt file and two processes asking
-for the same file download it once::
+Every download is bounded in time (:mod:`.netlimits`) and validated before it takes its final name::
 
     from deit_registry.weights.sources import resolve
-    path = resolve("deit_tiny_patch16_224", None)    # ~/.cache/torch/hub/checkpoints/deit_tiny_...-a1311bcf.pth
+    path = resolve("deit_tiny_patch16_224", None)   # .../models--timm--deit_tiny_patch16_224.fb_in1k/.../model.safetensors
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import importlib.util
+import logging
 import os
-import re
-import sys
-import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Iterator
+import warnings
 from pathlib import Path
 
-from ..errors import CheckpointNotFoundError, DownloadError, HashMismatchError, OfflineError
+from ..errors import (
+    CheckpointNotFoundError,
+    DownloadError,
+    MissingDependencyError,
+    OfflineError,
+)
 from ..variants import OFFICIAL_URL_ROOT, VARIANTS, Variant
+from . import hubfetch, urlfetch
+from .hubfetch import split_hub_id
+from .urlfetch import cache_dir, fetch_url, is_offline
 
+__all__ = [
+    "HF_PREFIX",
+    "HUB_WEIGHT_FILES",
+    "cache_dir",
+    "cached_path",
+    "fetch_hf_hub",
+    "fetch_url",
+    "get_variant",
+    "hub_repo",
+    "is_cached",
+    "is_offline",
+    "official_url",
+    "resolve",
+    "split_hub_id",
+]
+
+logger = logging.getLogger(__name__)
 HF_PREFIX = "hf-hub:"
-# Files tried in a hub repository, best first: safetensors never runs code.
+HUB_TAG = "fb_in1k"
+HUB_FILE = "model.safetensors"
+# Files tried in an explicit hub repository, best first: safetensors never runs code.
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
-_HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.[A-Za-z0-9]+$")
-_TRUE = ("1", "on", "yes", "true")
-TIMEOUT_S = 30.0
-
-
-def is_offline() -> bool:
-    """``HF_HUB_OFFLINE`` or ``DEIT_REGISTRY_OFFLINE`` set to 1/true/yes/on (read at call time)."""
-    return any(
-        os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "DEIT_REGISTRY_OFFLINE")
-    )
+_fallback_warned: set[str] = set()
 
 
 def official_url(variant: Variant) -> str:
@@ -55,15 +72,9 @@ def official_url(variant: Variant) -> str:
     return root.rstrip("/") + "/" + variant.weights.file_name
 
 
-def cache_dir() -> Path:
-    """torch.hub's checkpoint cache (``$TORCH_HOME/hub/checkpoints``), the folder timm and torchvision use."""
-    import torch.hub
-
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def cached_path(variant: Variant) -> Path:
-    return cache_dir() / variant.weights.file_name
+def hub_repo(variant: Variant) -> str:
+    """timm's Hub repository of the variant's ImageNet-1k weights, e.g. ``timm/deit_tiny_patch16_224.fb_in1k``."""
+    return f"timm/{variant.name}.{HUB_TAG}"
 
 
 def get_variant(name: str | Variant) -> Variant:
@@ -75,6 +86,21 @@ def get_variant(name: str | Variant) -> Variant:
     return VARIANTS[base]
 
 
+def cached_path(variant: Variant) -> Path:
+    """Where the default order would find ``variant``'s weights without a download: the Hub cache's file if
+    it has one, else the official file's place in torch.hub's cache (which may not exist)."""
+    if hubfetch.available():
+        found = hubfetch.cached_file(hub_repo(variant), HUB_FILE)
+        if found is not None:
+            return found
+    return urlfetch.cache_path(official_url(variant), shared=True)
+
+
+def is_cached(name: str | Variant) -> bool:
+    """Whether the default order finds the weights of ``name`` locally (Hub cache or torch.hub's cache)."""
+    return cached_path(get_variant(name)).is_file()
+
+
 def resolve(
     variant: str | Variant | None, source: str | os.PathLike[str] | None, progress: bool = True
 ) -> Path:
@@ -82,14 +108,14 @@ def resolve(
     if source is None:
         if variant is None:
             raise ValueError("resolve() needs a variant name when no source is given")
-        v = get_variant(variant)
-        return fetch_url(official_url(v), hash_prefix=v.weights.sha256_prefix, progress=progress)
+        return default_weights(get_variant(variant), progress)
     text = os.fspath(source)
     if text.startswith(HF_PREFIX):
         return fetch_hf_hub(text[len(HF_PREFIX) :], progress=progress)
     if text.startswith(("http://", "https://")):
-        name = Path(urllib.parse.urlparse(text).path).name
-        match = _HASH_IN_NAME.search(name)
+        name = urlfetch.file_name(text)
+        _require_safetensors(name)
+        match = urlfetch.HASH_IN_NAME.search(name)
         return fetch_url(text, hash_prefix=match.group(1) if match else None, progress=progress)
     path = Path(text).expanduser()
     if not path.exists():
@@ -97,211 +123,95 @@ def resolve(
             f"checkpoint {text!r} does not exist. Pass an existing .pth/.bin/.safetensors file or folder, an "
             f"http(s) URL, or 'hf-hub:owner/repo'"
         )
+    _require_safetensors(path.name)
     return path
 
 
-# ------------------------------------------------------------------------------------------- URL downloads
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock held while the block runs (fcntl on POSIX, msvcrt on Windows)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
-        if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
-            import msvcrt
-
-            handle.seek(0)
-            msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
-            try:
-                yield
-            finally:
-                handle.seek(0)
-                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def fetch_url(
-    url: str, hash_prefix: str | None = None, progress: bool = True, directory: Path | None = None
-) -> Path:
-    """Download ``url`` into the cache once (locked, atomic, hash-checked) and return the cached file."""
-    directory = directory or cache_dir()
-    dst = directory / Path(urllib.parse.urlparse(url).path).name
-    if dst.is_file():
-        return dst
-    if is_offline():
-        raise OfflineError(
-            f"offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE) and {dst.name} is not cached in {directory}. "
-            f"Unset offline mode, or download it elsewhere from {url} and copy it to {dst} (or pass weights=PATH)"
+def _require_safetensors(name: str) -> None:
+    if name.endswith(".safetensors") and importlib.util.find_spec("safetensors") is None:
+        raise MissingDependencyError(
+            f"{name} is a safetensors file, which needs the safetensors package: pip install huggingface_hub "
+            f"safetensors"
         )
-    directory.mkdir(parents=True, exist_ok=True)
-    with file_lock(directory / (dst.name + ".lock")):
-        if dst.is_file():  # another process finished it while we waited for the lock
-            return dst
-        _download(url, dst, hash_prefix, progress)
-    return dst
 
 
-def _download(url: str, dst: Path, hash_prefix: str | None, progress: bool) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=dst.name + ".", suffix=".partial", dir=dst.parent)
-    tmp = Path(tmp_name)
-    try:
-        sha = hashlib.sha256()
-        received = 0
+def default_weights(variant: Variant, progress: bool = True) -> Path:
+    """The variant's weights in the default order (module docstring): the Hub, then the official file."""
+    url = official_url(variant)
+    repo = hub_repo(variant)
+    if not hubfetch.available():  # torch alone: the official file, as torch.hub always did
+        return fetch_url(url, hash_prefix=variant.weights.sha256_prefix, progress=progress, shared=True)
+    if is_offline():
+        found = hubfetch.cached_file(repo, HUB_FILE)
+        if found is not None:
+            return found
         try:
-            request = urllib.request.Request(url, headers={"User-Agent": "deit-registry"})
-            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response, os.fdopen(fd, "wb") as out:
-                fd = -1
-                length = response.headers.get("Content-Length")
-                total = int(length) if length and length.isdigit() else None
-                bar = _progress_bar(total, dst.name) if progress else None
-                try:
-                    while chunk := response.read(1 << 20):
-                        out.write(chunk)
-                        sha.update(chunk)
-                        received += len(chunk)
-                        if bar is not None:
-                            bar.update(len(chunk))
-                finally:
-                    if bar is not None:
-                        bar.close()
-        except urllib.error.HTTPError as e:
-            raise DownloadError(
-                f"downloading {dst.name} from {url} failed: HTTP {e.code} {e.reason}. Check the URL (or "
-                f"DEIT_REGISTRY_URL_ROOT) and try again, or download the file yourself and pass weights=PATH"
+            return fetch_url(url, hash_prefix=variant.weights.sha256_prefix, progress=progress, shared=True)
+        except OfflineError as e:
+            raise OfflineError(
+                f"offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE) and the weights of {variant.name} are "
+                f"in neither the Hugging Face cache (hf-hub:{repo}) nor torch.hub's "
+                f"({urlfetch.cache_path(url, shared=True)}). Unset offline mode once to download them, or pass "
+                f"weights=PATH"
             ) from e
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
-            raise DownloadError(
-                f"downloading {dst.name} from {url} failed: {reason}. Check the network connection and try "
-                f"again, or download the file yourself and pass weights=PATH"
-            ) from e
-        if total is not None and received != total:
-            raise DownloadError(
-                f"downloading {dst.name} from {url} failed: the connection dropped after {received} of {total} "
-                f"bytes. Nothing was cached; try again"
-            )
-        digest = sha.hexdigest()
-        if hash_prefix is not None and not digest.startswith(hash_prefix):
-            raise HashMismatchError(
-                f"{dst.name} from {url}: sha256 {digest[: len(hash_prefix)]}... does not match the "
-                f"{hash_prefix} in its name, so the download is corrupt or was tampered with; it was deleted. "
-                f"Try again, or check the mirror set in DEIT_REGISTRY_URL_ROOT"
-            )
-        os.replace(tmp, dst)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-
-
-def _progress_bar(total: int | None, name: str):
     try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm comes with huggingface_hub; without it, no bar
-        return None
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name, file=sys.stderr)
-
-
-# ---------------------------------------------------------------------------------------- Hugging Face Hub
-def split_hub_id(hub_id: str) -> tuple[str, str | None]:
-    """``owner/repo@revision`` -> ``("owner/repo", "revision")``."""
-    repo, _, revision = hub_id.partition("@")
-    return repo, revision or None
-
-
-def _hf_cache_dir() -> str | None:
-    # huggingface_hub reads HF_HOME / HF_HUB_CACHE once at import; honour changes made after that.
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    return None
+        found = hubfetch.fetch(repo, HUB_FILE, progress=progress)
+        assert found is not None
+        return found
+    except (DownloadError, CheckpointNotFoundError) as e:  # unreachable, stalled, 5xx, or no such file
+        reason = str(e).split(". ")[0]
+        unreachable = isinstance(e, DownloadError) and reason.startswith("cannot connect")
+        # An unreachable Hub is the normal case behind a firewall: logged. A Hub that answers but fails is not:
+        # warned, once per variant and process.
+        if not unreachable and variant.name not in _fallback_warned:
+            _fallback_warned.add(variant.name)
+            warnings.warn(
+                f"{variant.name}: the Hub copy (hf-hub:{repo}) could not be used ({reason}); using the official "
+                f"file from {urllib.parse.urlparse(url).netloc} instead",
+                stacklevel=3,
+            )
+        logger.info("%s: the Hub copy could not be used (%s); weights from %s", variant.name, reason, url)
+        try:
+            return fetch_url(url, hash_prefix=variant.weights.sha256_prefix, progress=progress, shared=True)
+        except DownloadError as fallback_error:
+            raise DownloadError(
+                f"{fallback_error} (the Hub copy hf-hub:{repo} was tried first: {reason})"
+            ) from fallback_error
 
 
 def fetch_hf_hub(hub_id: str, progress: bool = True) -> Path:
-    """Fetch a hub repository's weights (and ``config.json`` if it has one); return its snapshot folder.
-
-    The weights file is the first of :data:`HUB_WEIGHT_FILES` the repository has, so transformers' repos
-    (``facebook/deit-*``) and timm's (``timm/<name>.fb_in1k``) both work; ``@revision`` pins a branch, tag
-    or commit.
+    """Fetch an explicit hub repository's weights (and ``config.json`` if it has one); return its snapshot
+    folder. The weights file is the first of :data:`HUB_WEIGHT_FILES` the repository has, so transformers'
+    repos (``facebook/deit-*``) and timm's (``timm/<name>.fb_in1k``) both work; ``@revision`` pins a branch,
+    tag or commit. The whole call shares one deadline (``DEIT_REGISTRY_DOWNLOAD_TIMEOUT``).
     """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (  # LocalEntryNotFoundError subclasses EntryNotFoundError
-        EntryNotFoundError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    hubfetch.require()
+    from .netlimits import Deadline, download_timeout
 
     repo, revision = split_hub_id(hub_id)
-    offline = is_offline()
-    kwargs = dict(
-        repo_id=repo,
-        revision=revision,
-        cache_dir=_hf_cache_dir(),
-        endpoint=os.environ.get("HF_ENDPOINT") or None,
-        local_files_only=offline,
-    )
-    where = f"hf-hub:{hub_id}"
-    unreachable: list[Exception] = []
-
-    def get(filename: str) -> Path | None:
-        """The cached file, or None if the repository (or the local cache, offline) does not have it."""
+    deadline = Deadline(download_timeout())
+    offline_miss: OfflineError | None = None
+    for filename in HUB_WEIGHT_FILES:
         try:
-            return Path(hf_hub_download(filename=filename, **kwargs))
-        except LocalEntryNotFoundError as e:  # offline or unreachable, and not cached
-            unreachable.append(e)
-            return None
-        except EntryNotFoundError:  # the repository has no such file
-            return None
-        except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-            raise CheckpointNotFoundError(
-                f"{where}: {type(e).__name__}: the repository or revision does not exist (or needs a token). "
-                f"Check the id, e.g. 'hf-hub:timm/deit_tiny_patch16_224.fb_in1k'"
-            ) from e
-        except (HfHubHTTPError, OSError) as e:
-            raise DownloadError(f"downloading {filename} of {where} failed: {e}. Try again") from e
-
-    with _hub_progress(progress):
-        for filename in HUB_WEIGHT_FILES:
-            weights = get(filename)
-            if weights is not None:
-                get("config.json")  # transformers' configs carry layer_norm_eps; timm's the architecture
-                return weights.parent
-    if offline:
+            weights = hubfetch.fetch(
+                repo, filename, revision, progress=progress, deadline=deadline, missing_ok=True
+            )
+        except OfflineError as e:  # this one is not cached; another file of the repository may be
+            offline_miss = offline_miss or e
+            continue
+        if weights is not None:
+            # transformers' configs carry layer_norm_eps; timm's the architecture
+            with contextlib.suppress(OfflineError):  # offline and never fetched: the weights alone
+                hubfetch.fetch(
+                    repo, "config.json", revision, progress=progress, deadline=deadline, missing_ok=True
+                )
+            return weights.parent
+    if offline_miss is not None:
         raise OfflineError(
-            f"offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE) and {where} has no weights file "
+            f"offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE) and hf-hub:{hub_id} has no weights file "
             f"({', '.join(HUB_WEIGHT_FILES)}) in the Hugging Face cache. Unset offline mode once to download "
             f"it, or pass weights=PATH"
-        )
-    if unreachable:
-        raise DownloadError(
-            f"could not download the weights of {where} from the Hub ({kwargs['endpoint'] or 'huggingface.co'}) "
-            f"and they are not cached: {unreachable[0]}. Check the network (or HF_ENDPOINT) and try again"
-        )
+        ) from offline_miss
     raise CheckpointNotFoundError(
-        f"{where} has none of {', '.join(HUB_WEIGHT_FILES)}. Pass the URL of its weights file instead"
+        f"hf-hub:{hub_id} has none of {', '.join(HUB_WEIGHT_FILES)}. Pass the URL of its weights file instead"
     )
-
-
-@contextlib.contextmanager
-def _hub_progress(enabled: bool) -> Iterator[None]:
-    if enabled:
-        yield
-        return
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    was_disabled = are_progress_bars_disabled()
-    disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            enable_progress_bars()

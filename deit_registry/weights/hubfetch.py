@@ -1,0 +1,272 @@
+"""Files from the Hugging Face Hub through ``huggingface_hub.hf_hub_download`` (its cache, ``HF_ENDPOINT``
+mirrors, tokens, offline mode, locks and etags), with what it lacks added around it:
+
+* an overall deadline (``DEIT_REGISTRY_DOWNLOAD_TIMEOUT``): huggingface_hub bounds each request
+  (``HF_HUB_ETAG_TIMEOUT``, ``HF_HUB_DOWNLOAD_TIMEOUT``) but retries connection errors and HTTP 5xx with
+  back-off (about 25 s when the host does not resolve, over 90 s for a 500), and has no limit on a whole call;
+* a quick reachability check of the endpoint (one TCP connect), so an unreachable Hub falls back at once;
+* our errors with the fix, instead of huggingface_hub's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import time
+import urllib.parse
+from pathlib import Path
+
+from ..errors import (
+    CheckpointNotFoundError,
+    DownloadError,
+    InvalidSourceError,
+    MissingDependencyError,
+    OfflineError,
+    WeightsError,
+)
+from . import netlimits
+from .netlimits import FIXES, Deadline
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+_reachable: dict[str, tuple[float, bool]] = {}  # endpoint -> (checked at, reachable), kept 30 s
+
+
+def available() -> bool:
+    """Whether the Hub path can be used here: huggingface_hub to fetch, safetensors to read the file."""
+    return all(importlib.util.find_spec(m) is not None for m in ("huggingface_hub", "safetensors"))
+
+
+def require() -> None:
+    if importlib.util.find_spec("huggingface_hub") is None:
+        raise MissingDependencyError(
+            "an 'hf-hub:' source needs the huggingface_hub package: pip install huggingface_hub safetensors "
+            "(or pass the URL or local path of the weights file instead)"
+        )
+
+
+def endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def cache_dir() -> str | None:
+    # huggingface_hub reads HF_HOME / HF_HUB_CACHE once at import; honour changes made after that.
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
+def split_hub_id(hub_id: str) -> tuple[str, str | None]:
+    """``owner/repo@revision`` -> ``("owner/repo", "revision")``."""
+    repo, _, revision = hub_id.partition("@")
+    return repo, revision or None
+
+
+def cached_file(repo: str, filename: str, revision: str | None = None) -> Path | None:
+    """The file from huggingface_hub's cache (``try_to_load_from_cache``), or None; never touches the network."""
+    if importlib.util.find_spec("huggingface_hub") is None:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir(), revision=revision)
+    except HFValidationError:
+        return None
+    return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
+
+
+def reachable(timeout: float) -> bool:
+    """One TCP connect to the endpoint's host (skipped, True, behind a proxy), remembered for 30 s."""
+    url = endpoint()
+    now = time.monotonic()
+    if url in _reachable and now - _reachable[url][0] < 30:
+        return _reachable[url][1]
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return True
+    parts = urllib.parse.urlparse(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=min(timeout, 5.0)):
+            ok = True
+    except OSError:
+        ok = False
+    _reachable[url] = (now, ok)
+    return ok
+
+
+def fetch(
+    repo: str,
+    filename: str,
+    revision: str | None = None,
+    *,
+    progress: bool = True,
+    deadline: Deadline | None = None,
+    missing_ok: bool = False,
+) -> Path | None:
+    """``filename`` of ``repo`` through huggingface_hub, within ``deadline``.
+
+    Returns None if the repository lacks the file and ``missing_ok``. Raises :class:`OfflineError` (offline,
+    not cached), :class:`DownloadError` (unreachable, HTTP error, past the deadline),
+    :class:`CheckpointNotFoundError` (no such repository, revision or file) or :class:`InvalidSourceError`.
+    """
+    require()
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from .urlfetch import is_offline
+
+    deadline = deadline or Deadline(netlimits.download_timeout())
+    where = f"hf-hub:{repo}" + (f"@{revision}" if revision else "")
+    host = urllib.parse.urlparse(endpoint()).netloc
+    offline = is_offline()
+    if not offline and not reachable(deadline.left()):
+        cached = cached_file(repo, filename, revision)
+        if cached is not None:
+            return cached
+        raise DownloadError(
+            f"cannot connect to the Hub at {host} to fetch {filename} of {where}, and it is not cached. {FIXES}"
+        )
+
+    if not offline:
+        clean_partials(repo)
+
+    def call() -> str:
+        with _progress(progress):
+            return hf_hub_download(
+                repo_id=repo,
+                filename=filename,
+                revision=revision,
+                cache_dir=cache_dir(),
+                endpoint=os.environ.get("HF_ENDPOINT") or None,
+                local_files_only=offline,
+                etag_timeout=max(1.0, min(netlimits.read_timeout(), deadline.left())),
+            )
+
+    def timed_out() -> Exception:
+        return DownloadError(
+            f"fetching {filename} of {where} from {host} took longer than {deadline.seconds:g} s "
+            f"(DEIT_REGISTRY_DOWNLOAD_TIMEOUT); the Hub is stalled or unreachable. {FIXES}"
+        )
+
+    try:
+        path = Path(netlimits.run_with_deadline(call, max(0.0, deadline.left()), timed_out))
+    except WeightsError:
+        raise
+    except HFValidationError as e:
+        raise InvalidSourceError(
+            f"{where!r} is not a Hub id: expected the form 'hf-hub:owner/repo[@revision]', e.g. "
+            f"'hf-hub:timm/deit_tiny_patch16_224.fb_in1k' ({e})"
+        ) from e
+    except LocalEntryNotFoundError as e:  # offline, or the Hub could not be reached, and not cached
+        if offline:
+            raise OfflineError(
+                f"offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE) and {filename} of {where} is not in the "
+                f"Hugging Face cache. Unset offline mode once to download it, or pass weights=PATH"
+            ) from e
+        raise DownloadError(
+            f"could not reach the Hub at {host} for {filename} of {where}: {e}. {FIXES}"
+        ) from e
+    except EntryNotFoundError as e:
+        if missing_ok:
+            return None
+        raise CheckpointNotFoundError(f"{where} has no file {filename}") from e
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise CheckpointNotFoundError(
+            f"{where}: {type(e).__name__}: the repository or revision does not exist (or needs a token: "
+            f"`hf auth login` or HF_TOKEN). Check the id, e.g. 'hf-hub:timm/deit_tiny_patch16_224.fb_in1k'"
+        ) from e
+    except PermissionError as e:
+        raise netlimits.not_writable(cache_dir() or "the Hugging Face cache (HF_HOME)", e) from e
+    except (HfHubHTTPError, OSError) as e:
+        raise DownloadError(f"fetching {filename} of {where} from {host} failed: {e}. {FIXES}") from e
+    if filename.endswith((".safetensors", ".bin", ".pth")):
+        _check_or_evict(path, filename, where)
+    return path
+
+
+def _check_or_evict(path: Path, filename: str, where: str) -> None:
+    """huggingface_hub checks only the size of what it stores: make sure it is a whole checkpoint (not, say, a
+    mirror's HTML page), else remove that revision with its public cache API and raise."""
+    from huggingface_hub import scan_cache_dir
+
+    from .urlfetch import validate_download
+
+    try:
+        validate_download(path, filename, where)
+        return
+    except Exception as e:  # _Transient (truncated) or DownloadError (not a checkpoint)
+        problem = e
+    try:
+        cache = scan_cache_dir(cache_dir())
+        cache.delete_revisions(path.parent.name).execute()
+    except Exception as e:  # the error below still tells the user what to delete
+        problem = DownloadError(f"{problem}; removing it from the Hugging Face cache failed too ({e})")
+    raise DownloadError(
+        f"the Hub ({endpoint()}) served {filename} of {where} but it is not a whole checkpoint ({problem}); it "
+        f"was removed from the Hugging Face cache. Try again, or check HF_ENDPOINT"
+    ) from None
+
+
+def clean_partials(repo: str) -> None:
+    """Delete ``blobs/<etag>.<tag>.incomplete`` files of ``repo`` left by killed downloads.
+
+    huggingface_hub writes each download to a process-unique ``.incomplete`` file under the lock
+    ``.locks/<repo folder>/<etag>.lock`` and never removes one left by a killed process. No public API cleans
+    them, so this one function relies on that documented cache layout: a partial is removed only if its lock
+    can be taken at once (no live download holds it). Any surprise (another layout) skips with a warning.
+    """
+    try:
+        from filelock import FileLock, Timeout
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+
+        root = Path(cache_dir() or constants.HF_HUB_CACHE)
+        folder = repo_folder_name(repo_id=repo, repo_type="model")
+        for partial in (root / folder / "blobs").glob("*.incomplete"):
+            lock = FileLock(str(root / ".locks" / folder / (partial.name.split(".")[0] + ".lock")), timeout=0)
+            try:
+                with lock:
+                    partial.unlink(missing_ok=True)
+            except Timeout:  # a live download holds it
+                continue
+    except Exception as e:  # never let housekeeping break a download
+        import warnings
+
+        warnings.warn(
+            f"could not clean partial Hub downloads of {repo} ({type(e).__name__}: {e}); they stay in the "
+            f"Hugging Face cache and can be deleted by hand (`hf cache` or the blobs/*.incomplete files)",
+            stacklevel=3,
+        )
+
+
+class _progress:
+    """Turn huggingface_hub's progress bars off for the call when ``enabled`` is False (its public switch)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.was_disabled = True
+
+    def __enter__(self) -> None:
+        if self.enabled:
+            return
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+
+        self.was_disabled = are_progress_bars_disabled()
+        disable_progress_bars()
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.enabled and not self.was_disabled:
+            from huggingface_hub.utils import enable_progress_bars
+
+            enable_progress_bars()

@@ -1,0 +1,359 @@
+"""http(s) downloads into torch.hub's cache: keyed by the whole URL, recorded, validated, bounded in time.
+
+* Cache key: a file whose name carries its sha256 prefix (``<name>-<hex8>.pth``, the official files) keeps
+  torch.hub's shared ``$TORCH_HOME/hub/checkpoints/<file>`` (timm and torchvision share it; the prefix is
+  checked on every hit); any other URL gets its own folder ``checkpoints/<sha256(url)[:16]>/<file>``, so
+  ``.../a/model.pth`` and ``.../b/model.pth`` (or ``?v=1`` and ``?v=2``) never collide.
+* Record: beside each file, ``<file>.deit-registry.json`` holds its URL, size and sha256, written atomically
+  before the file takes its name. A cache hit is checked against it (and against the 8-hex prefix of an
+  official name); a hit that fails is deleted with a warning and downloaded again.
+* Validation: a body is renamed into the cache only if it is a whole checkpoint of the expected kind (zip
+  central directory present, safetensors header and size consistent, not an HTML page).
+* Time: an overall deadline, a per-read socket timeout and a retry budget (:mod:`.netlimits`).
+
+Why not ``torch.hub.download_url_to_file``: it has no socket timeout (a silent server hangs it forever), no
+overall deadline, no Content-Length check and no hook to validate the body before its final rename; the
+loop below adds exactly those and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import struct
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+import zipfile
+from pathlib import Path
+
+from ..errors import (
+    CorruptCheckpointError,
+    DownloadError,
+    HashMismatchError,
+    InvalidSourceError,
+    OfflineError,
+    UnsafeCheckpointError,
+)
+from . import netlimits
+from .netlimits import FIXES, Deadline
+
+HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.[A-Za-z0-9]+$")
+RECORD_SUFFIX = ".deit-registry.json"
+PARTIAL_INFIX = ".deit-"  # our partial files: <file>.deit-<random>.partial
+STALE_FOREIGN_PARTIAL_S = 3600.0  # torch.hub's <file>.<uuid>.partial: only removed once surely abandoned
+_RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+class _Transient(Exception):
+    """A failure worth another attempt (dropped connection, timeout, 5xx, truncated body)."""
+
+
+def cache_dir() -> Path:
+    """torch.hub's checkpoint cache (``$TORCH_HOME/hub/checkpoints``), the folder timm and torchvision use."""
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def file_name(url: str) -> str:
+    path = urllib.parse.urlparse(url).path
+    name = path.rsplit("/", 1)[-1]  # not Path(path).name, which would call ".../folder/" "folder"
+    if not name or name in (".", ".."):
+        raise InvalidSourceError(
+            f"the URL {url!r} names no file (its path ends in '/'). Give the URL of the weights file itself, "
+            f"e.g. https://host/path/model.safetensors"
+        )
+    return name
+
+
+def cache_path(url: str, shared: bool | None = None) -> Path:
+    """Where ``url`` is cached: ``checkpoints/<file>`` if ``shared``, else a folder per URL. By default a name
+    that carries its sha256 prefix (``name-<hex8>.pth``, the official files) is shared, as torch.hub and timm do:
+    its content is pinned by the name and checked on download and on every hit."""
+    name = file_name(url)
+    if shared is None:
+        shared = HASH_IN_NAME.search(name) is not None
+    if shared:
+        return cache_dir() / name
+    return cache_dir() / hashlib.sha256(url.encode("utf-8")).hexdigest()[:16] / name
+
+
+def fetch_url(
+    url: str, hash_prefix: str | None = None, progress: bool = True, shared: bool | None = None
+) -> Path:
+    """The cached file of ``url``, downloaded once (locked, validated, recorded) if needed."""
+    dst = cache_path(url, shared)
+    if _valid_hit(dst, url, hash_prefix, repair=False):
+        return dst
+    if is_offline():
+        raise OfflineError(
+            f"offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE) and {dst.name} is not cached in "
+            f"{dst.parent}. Unset offline mode, or download it elsewhere from {url} and copy it to {dst} (or "
+            f"pass weights=PATH)"
+        )
+    deadline = Deadline(netlimits.download_timeout())
+    netlimits.ensure_writable(dst.parent)
+    with netlimits.file_lock(dst.parent / (dst.name + ".lock"), deadline, f"downloading {url}"):
+        # Under the lock no live process of ours is writing this source: a hit is final, a bad one ours to fix.
+        if _valid_hit(dst, url, hash_prefix, repair=True):
+            return dst
+        clean_partials(dst)
+        _download_with_retries(url, dst, hash_prefix, progress, deadline)
+    return dst
+
+
+def is_offline() -> bool:
+    """``HF_HUB_OFFLINE`` or ``DEIT_REGISTRY_OFFLINE`` set to 1/true/yes/on (read at call time)."""
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "on", "yes", "true")
+        for v in ("HF_HUB_OFFLINE", "DEIT_REGISTRY_OFFLINE")
+    )
+
+
+# ------------------------------------------------------------------------------------------ cache records
+def record_path(dst: Path) -> Path:
+    return dst.with_name(dst.name + RECORD_SUFFIX)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_record(dst: Path) -> dict | None:
+    try:
+        record = json.loads(record_path(dst).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _write_record(dst: Path, url: str, size: int, sha256: str) -> None:
+    data = json.dumps({"url": url, "size": size, "sha256": sha256, "stored": time.time()})
+    fd, tmp = tempfile.mkstemp(prefix=dst.name + PARTIAL_INFIX, suffix=".partial", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(data)
+        os.replace(tmp, record_path(dst))
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _valid_hit(dst: Path, url: str, hash_prefix: str | None, repair: bool) -> bool:
+    """Whether ``dst`` holds what was recorded when it was stored. With ``repair`` (under the lock) a file that
+    fails is deleted with a warning, and an official file placed by torch.hub/timm gets its record."""
+    if not dst.is_file():
+        return False
+    record = _read_record(dst)
+    size, digest = dst.stat().st_size, _sha256(dst)
+    prefix_ok = hash_prefix is None or digest.startswith(hash_prefix)
+    if record is not None:
+        ok = prefix_ok and record.get("size") == size and record.get("sha256") == digest
+        why = "its size or sha256 differs from the record written when it was stored"
+    else:
+        ok = hash_prefix is not None and prefix_ok  # only a hash in the name vouches for an unrecorded file
+        why = f"its sha256 does not start with {hash_prefix}" if hash_prefix else "it has no record"
+    if not repair:
+        return ok
+    if ok:
+        if record is None:
+            _write_record(dst, url, size, digest)
+        return True
+    warnings.warn(
+        f"the cached {dst} is not the file that was downloaded ({why}); it was deleted and will be downloaded "
+        f"again from {url}",
+        stacklevel=4,
+    )
+    try:
+        dst.unlink(missing_ok=True)
+        record_path(dst).unlink(missing_ok=True)
+    except PermissionError as e:
+        raise netlimits.not_writable(dst.parent, e) from e
+    return False
+
+
+def clean_partials(dst: Path) -> None:
+    """Remove partial downloads of ``dst`` left by killed processes. Called under ``dst``'s lock, so ours are
+    abandoned; torch.hub's own (``<file>.<uuid>.partial``, written without a lock) only once an hour old."""
+    now = time.time()
+    for p in dst.parent.glob(glob_escape(dst.name) + ".*.partial"):
+        try:
+            ours = p.name.startswith(dst.name + PARTIAL_INFIX)
+            if ours or now - p.stat().st_mtime > STALE_FOREIGN_PARTIAL_S:
+                p.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def glob_escape(text: str) -> str:
+    import glob
+
+    return glob.escape(text)
+
+
+# ---------------------------------------------------------------------------------------------- download
+def _download_with_retries(
+    url: str, dst: Path, hash_prefix: str | None, progress: bool, deadline: Deadline
+) -> None:
+    host = urllib.parse.urlparse(url).netloc
+    budget = netlimits.retries()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            _download_once(url, dst, hash_prefix, progress, deadline)
+            return
+        except _Transient as e:
+            stalled = deadline.left() <= 0.2
+            if stalled or attempt > budget:
+                limit = (
+                    f"no complete response within {deadline.seconds:g} s (DEIT_REGISTRY_DOWNLOAD_TIMEOUT)"
+                    if stalled
+                    else f"{attempt} attempts (DEIT_REGISTRY_RETRIES={budget})"
+                )
+                raise DownloadError(
+                    f"downloading {dst.name} from {host} ({url}) failed after {limit}: {e}. Nothing was "
+                    f"cached; try again later. {FIXES}"
+                ) from e
+            time.sleep(min(0.5 * attempt, max(0.0, deadline.left() - 0.2)))
+
+
+def _download_once(url: str, dst: Path, hash_prefix: str | None, progress: bool, deadline: Deadline) -> None:
+    fd, tmp_name = tempfile.mkstemp(prefix=dst.name + PARTIAL_INFIX, suffix=".partial", dir=dst.parent)
+    tmp = Path(tmp_name)
+    try:
+        sha = hashlib.sha256()
+        received, total = 0, None
+        timeout = max(0.05, min(netlimits.read_timeout(), deadline.left()))
+        try:
+            request = urllib.request.Request(url, headers={"User-Agent": "deit-registry"})
+            with urllib.request.urlopen(request, timeout=timeout) as response, os.fdopen(fd, "wb") as out:
+                fd = -1
+                length = response.headers.get("Content-Length")
+                total = int(length) if length and length.isdigit() else None
+                bar = _progress_bar(total, dst.name) if progress else None
+                try:
+                    while True:
+                        if deadline.expired():  # a trickling body never trips the per-read timeout
+                            raise _Transient(
+                                f"still receiving after {deadline.seconds:g} s ({received} bytes)"
+                            )
+                        # read1: at most one socket read, so the deadline is checked between reads (read(n)
+                        # would wait for all n bytes).
+                        chunk = response.read1(1 << 20)
+                        if not chunk:
+                            break
+                        out.write(chunk)
+                        sha.update(chunk)
+                        received += len(chunk)
+                        if bar is not None:
+                            bar.update(len(chunk))
+                finally:
+                    if bar is not None:
+                        bar.close()
+        except urllib.error.HTTPError as e:
+            if e.code in _RETRY_STATUS:
+                raise _Transient(f"HTTP {e.code} {e.reason}") from e
+            raise DownloadError(
+                f"downloading {dst.name} from {url} failed: HTTP {e.code} {e.reason}. Check the URL (or "
+                f"DEIT_REGISTRY_URL_ROOT) and try again, or download the file yourself and pass weights=PATH"
+            ) from e
+        except PermissionError as e:
+            raise netlimits.not_writable(dst.parent, e) from e
+        except http.client.IncompleteRead as e:  # a chunked body cut short
+            raise _Transient(f"the connection dropped mid-body ({received} bytes received, {e!r})") from e
+        except (http.client.HTTPException, urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, TimeoutError):
+                reason = (
+                    f"no data for {timeout:g} s (DEIT_REGISTRY_READ_TIMEOUT); check the network connection"
+                )
+            else:
+                reason = f"{reason or type(e).__name__}; check the network connection"
+            raise _Transient(str(reason)) from e
+        if total is not None and received != total:
+            raise _Transient(f"the connection dropped after {received} of {total} bytes")
+        digest = sha.hexdigest()
+        if hash_prefix is not None and not digest.startswith(hash_prefix):
+            raise HashMismatchError(
+                f"{dst.name} from {url}: sha256 {digest[: len(hash_prefix)]}... does not match the "
+                f"{hash_prefix} in its name, so the download is corrupt or was tampered with; it was deleted. "
+                f"Try again, or check the mirror set in DEIT_REGISTRY_URL_ROOT"
+            )
+        validate_download(tmp, dst.name, url)
+        _write_record(
+            dst, url, received, digest
+        )  # the record first: a file under its name is always recorded
+        os.replace(tmp, dst)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+
+
+def _progress_bar(total: int | None, name: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with huggingface_hub; without it, no bar
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=name, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------- validation
+def validate_download(file: Path, name: str, url: str) -> str:
+    """The format of a downloaded ``file`` if it is a whole checkpoint; else ``_Transient`` (truncated) or
+    :class:`DownloadError` (not a checkpoint at all, e.g. an HTML page served with HTTP 200)."""
+    from . import formats
+
+    try:
+        fmt = formats.sniff_format(file)
+    except CorruptCheckpointError:
+        with open(file, "rb") as f:
+            head = f.read(512)
+        kind = "an HTML page" if b"<html" in head.lower() or head.lstrip()[:1] == b"<" else "not a checkpoint"
+        raise DownloadError(
+            f"{url} answered HTTP 200 with {kind} (first bytes {head[:16]!r}), not the weights file {name}; "
+            f"a proxy, login or error page is likely. Nothing was cached. Check the URL; {FIXES}"
+        ) from None
+    if name.endswith(".safetensors") and fmt != "safetensors":
+        raise DownloadError(f"{url} is named .safetensors but holds a {fmt} file; nothing was cached")
+    size = file.stat().st_size
+    if fmt == "torch-zip":
+        try:
+            with zipfile.ZipFile(file) as z:  # reads the central directory, which sits at the very end
+                ends = [i.header_offset + i.compress_size for i in z.infolist()]
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise _Transient(f"the body is a truncated torch file ({size} bytes: {e})") from e
+        if ends and max(ends) > size:
+            raise _Transient(f"the body is a truncated torch file ({size} bytes)")
+    elif fmt == "safetensors":
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            try:
+                header = json.loads(f.read(n))
+                end = max(
+                    (int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0
+                )
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                raise _Transient(f"the body is a truncated safetensors file ({size} bytes: {e})") from e
+        if 8 + n + end != size:
+            raise _Transient(f"the body is a truncated safetensors file ({size} of {8 + n + end} bytes)")
+    else:  # legacy pickle: no index to check, so read it (weights_only; nothing in it runs)
+        try:
+            formats.read_checkpoint(file)
+        except UnsafeCheckpointError:
+            pass  # whole, but refused at load time with its own message
+        except CorruptCheckpointError as e:
+            raise _Transient(f"the body is a truncated torch file ({size} bytes)") from e
+    return fmt

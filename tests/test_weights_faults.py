@@ -1,0 +1,513 @@
+"""Weights under faults (issue 12, items 1-4 and the fetch-side errors of item 7), each case its own test.
+
+A fault-injecting server on 127.0.0.1 (tests/weights_server.py) plays both the official file host
+(``DEIT_REGISTRY_URL_ROOT``) and the Hugging Face Hub (``HF_ENDPOINT``); every cache lives under tmp_path and the
+overall deadline is a few seconds, so a hang shows up as a failed time bound, not a stuck suite."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from weights_server import Route, WeightsServer
+
+import deit_registry as dr
+from deit_registry import weights
+from deit_registry.deit import build_deit
+from deit_registry.errors import (
+    CacheNotWritableError,
+    CheckpointNotFoundError,
+    DownloadError,
+    InvalidSourceError,
+    OfflineError,
+)
+from deit_registry.variants import VARIANTS
+from deit_registry.weights import hubfetch, sources
+from deit_registry.weights.urlfetch import RECORD_SUFFIX, cache_path
+
+TINY = "deit_tiny_patch16_224"
+HUB_REPO = f"timm/{TINY}.fb_in1k"
+COMMIT = "c" * 40
+DEADLINE_S = 3.0
+TORCH_ONLY = os.environ.get(
+    "DEIT_TORCH_ONLY_PYTHON", "/root/.cache/deit-registry-ci/venv-torch-only/bin/python"
+)
+
+
+@pytest.fixture
+def server():
+    s = WeightsServer()
+    yield s
+    s.close()
+
+
+def _tiny(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_deit(TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, torch.nn.Module]:
+    return {"ref": _tiny(0), "other": _tiny(1)}
+
+
+@pytest.fixture(scope="module")
+def pth(models) -> dict[str, bytes]:
+    out = {}
+    for k, m in models.items():
+        buf = io.BytesIO()
+        torch.save({"model": m.state_dict()}, buf)
+        out[k] = buf.getvalue()
+    return out
+
+
+@pytest.fixture(scope="module")
+def st(models) -> dict[str, bytes]:
+    from safetensors.torch import save
+
+    return {k: save({n: t.contiguous() for n, t in m.state_dict().items()}) for k, m in models.items()}
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, server: WeightsServer) -> Path:
+    """Fresh caches, online, the Hub and the official root on ``server``, a 3 s deadline; returns tmp_path."""
+    for var in ("HF_HUB_OFFLINE", "DEIT_REGISTRY_OFFLINE", "HF_HUB_CACHE", "DEIT_REGISTRY_RETRIES"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_ENDPOINT", server.root)
+    monkeypatch.setenv("DEIT_REGISTRY_URL_ROOT", server.root + "/official/")
+    monkeypatch.setenv("DEIT_REGISTRY_DOWNLOAD_TIMEOUT", str(DEADLINE_S))
+    monkeypatch.setenv("DEIT_REGISTRY_READ_TIMEOUT", "1")
+    monkeypatch.setattr(sources, "_fallback_warned", set())
+    return tmp_path
+
+
+def _official(monkeypatch: pytest.MonkeyPatch, server: WeightsServer, data: bytes, **route) -> str:
+    """Serve ``data`` as the tiny variant's official file, renamed after its real hash; returns the path."""
+    v = VARIANTS[TINY]
+    name = f"{TINY}-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+    monkeypatch.setitem(
+        VARIANTS, TINY, dataclasses.replace(v, weights=dataclasses.replace(v.weights, file_name=name))
+    )
+    path = f"/official/{name}"
+    server.add(path, Route(data, **route))
+    return path
+
+
+def _hub_path(filename: str = "model.safetensors") -> str:
+    return f"/{HUB_REPO}/resolve/main/{filename}"
+
+
+def _equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _files(root: Path) -> list[str]:
+    """Every file under ``root`` but lock files (locks may stay, like torch.hub's and huggingface_hub's)."""
+    if not root.exists():
+        return []
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock")
+    )
+
+
+def _partials(root: Path) -> list[str]:
+    return [f for f in _files(root) if f.endswith((".partial", ".incomplete"))]
+
+
+def _load(source=None, **kw) -> torch.nn.Module:
+    return dr.create_model(TINY, pretrained=True, weights=source, progress=False, **kw)
+
+
+def _fixes_named(msg: str) -> bool:
+    return all(s in msg for s in ("HF_ENDPOINT", "DEIT_REGISTRY_URL_ROOT", "HF_HUB_OFFLINE", "weights=PATH"))
+
+
+# ------------------------------------------------------------------------------ 1. the Hub first, like timm
+def test_1_default_source_is_timms_hub_copy(env, server, monkeypatch, st, pth, models):
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    official = _official(monkeypatch, server, pth["other"])
+    assert not weights.is_cached(TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning when the Hub serves the file
+        model = _load()
+    assert _equal(model, models["ref"])
+    assert server.gets[_hub_path()] == 1 and server.gets[official] == 0
+    path = weights.download(TINY)
+    assert path.name == "model.safetensors" and (env / "hf" / "hub") in path.parents
+    assert weights.is_cached(TINY) and sources.cached_path(VARIANTS[TINY]) == path
+
+
+def test_1_falls_back_to_the_official_file_when_the_hub_lacks_it(env, server, monkeypatch, pth, models):
+    official = _official(monkeypatch, server, pth["ref"])  # the Hub stand-in answers 404 for the repo
+    with pytest.warns(UserWarning, match="using the official file from 127.0.0.1") as record:
+        assert _equal(_load(), models["ref"])
+    assert sum("hf-hub:" + HUB_REPO in str(w.message) for w in record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per variant and process, not on every load
+        _load()
+    assert server.gets[official] == 1 and weights.is_cached(TINY)
+
+
+def test_1_falls_back_at_once_when_the_hub_is_unreachable(env, server, monkeypatch, pth, models, caplog):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
+    _official(monkeypatch, server, pth["ref"])
+    start = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="deit_registry.weights.sources"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # unreachable (a firewall, no network) is logged, not warned
+        assert _equal(_load(), models["ref"])
+    assert time.monotonic() - start < 2.0  # not huggingface_hub's ~25 s of retries
+    assert "cannot connect to the Hub" in caplog.text and "/official/" in caplog.text
+
+
+def test_1_hub_http_500_falls_back_within_the_deadline(env, server, monkeypatch, pth, models):
+    server.add(_hub_path(), Route(b"boom", status=500))
+    _official(monkeypatch, server, pth["ref"])
+    start = time.monotonic()
+    with pytest.warns(UserWarning, match="took longer than 3 s|500"):
+        assert _equal(_load(), models["ref"])
+    assert time.monotonic() - start < DEADLINE_S + 2.5
+
+
+def test_1_explicit_hub_id_is_never_rerouted(env, server, monkeypatch, pth):
+    official = _official(monkeypatch, server, pth["ref"])
+    with pytest.raises(CheckpointNotFoundError, match=f"hf-hub:{HUB_REPO}"):
+        _load(f"hf-hub:{HUB_REPO}")
+    assert server.gets[official] == 0
+
+
+def test_1_offline_uses_either_cache_or_fails_at_once(env, server, monkeypatch, st, pth, models):
+    official = _official(monkeypatch, server, pth["other"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(OfflineError) as e:
+        _load()
+    assert time.monotonic() - start < 1.0 and sum(server.gets.values()) == 0
+    assert f"hf-hub:{HUB_REPO}" in str(e.value) and "torch.hub" in str(e.value)
+    # torch.hub's cache (e.g. filled by an older version or by torch.hub itself) serves offline
+    checkpoints = env / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / VARIANTS[TINY].weights.file_name).write_bytes(pth["other"])
+    assert weights.is_cached(TINY) and _equal(_load(), models["other"])
+    # ... and the Hub cache, when it has the file, comes first
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    weights.download(f"{TINY}", source=f"hf-hub:{HUB_REPO}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    gets = sum(server.gets.values())
+    assert _equal(_load(), models["ref"]) and sum(server.gets.values()) == gets
+    assert server.gets[official] == 0
+
+
+def test_1_cli_list_and_download_follow_the_default_order(env, server, st):
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    run_env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "deit_registry", *args],
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def cached_column() -> str:
+        row = next(line for line in cli("list", TINY).stdout.splitlines() if line.startswith(TINY))
+        return row.split()[-1]
+
+    assert cached_column() == "no"
+    out = cli("download", "-q", TINY)
+    assert out.returncode == 0, out.stderr
+    assert "models--timm--deit_tiny_patch16_224.fb_in1k" in out.stdout and "model.safetensors" in out.stdout
+    assert cached_column() == "yes"
+    alias = subprocess.run(
+        [sys.executable, "-m", "deit_registry.weights", "download", "-q", TINY],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert alias.returncode == 0 and alias.stdout == out.stdout  # one command line, two spellings
+
+
+@pytest.mark.skipif(
+    not os.path.exists(TORCH_ONLY), reason="needs the torch-only Python (DEIT_TORCH_ONLY_PYTHON)"
+)
+def test_1_torch_only_uses_the_official_file_and_names_the_package(env, server, monkeypatch, pth, st):
+    name = f"{TINY}-{hashlib.sha256(pth['ref']).hexdigest()[:8]}.pth"
+    official = server.add(f"/official/{name}", Route(pth["ref"]))
+    server.add("/st/model.safetensors", Route(st["ref"]))
+    code = textwrap.dedent(
+        f"""
+        import dataclasses, sys
+        from deit_registry.variants import VARIANTS
+        from deit_registry.weights import hubfetch, sources
+        from deit_registry.errors import MissingDependencyError
+        v = VARIANTS["{TINY}"]
+        VARIANTS["{TINY}"] = dataclasses.replace(v, weights=dataclasses.replace(v.weights, file_name="{name}"))
+        print(sources.resolve("{TINY}", None, progress=False))
+        for src in ("hf-hub:{HUB_REPO}", "{server.url("/st/model.safetensors")}"):
+            try:
+                sources.resolve("{TINY}", src)
+            except MissingDependencyError as e:
+                print("missing:", e)
+        """
+    )
+    out = subprocess.run(
+        [TORCH_ONLY, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].endswith(name) and server.gets[official.removeprefix(server.root)] == 1
+    missing = [line for line in lines if line.startswith("missing:")]
+    assert len(missing) == 2 and all("pip install huggingface_hub safetensors" in m for m in missing)
+    assert server.gets[_hub_path()] == 0
+
+
+# ------------------------------------------------------------------- 2. a cache that cannot serve the wrong file
+def test_2_two_urls_with_the_same_file_name_do_not_share_an_entry(env, server, pth, models):
+    a = server.add("/a/model.pth", Route(pth["ref"]))
+    b = server.add("/b/model.pth", Route(pth["other"]))
+    assert _equal(_load(a), models["ref"])
+    assert _equal(_load(b), models["other"])  # not a's weights
+    assert cache_path(a) != cache_path(b) and cache_path(a).name == cache_path(b).name == "model.pth"
+    assert cache_path(a + "?v=1") != cache_path(a + "?v=2")
+    assert server.gets["/a/model.pth"] == server.gets["/b/model.pth"] == 1
+    assert _equal(_load(a), models["ref"]) and server.gets["/a/model.pth"] == 1  # a checked hit
+
+
+def test_2_a_tampered_cache_hit_is_deleted_and_downloaded_again(env, server, pth, models):
+    url = server.add("/t/model.pth", Route(pth["ref"]))
+    _load(url)
+    cached = cache_path(url)
+    assert cached.with_name(cached.name + RECORD_SUFFIX).is_file()
+    cached.write_bytes(pth["other"])  # same size, other weights (a damaged or replaced file)
+    with pytest.warns(UserWarning, match="deleted and will be downloaded again"):
+        assert _equal(_load(url), models["ref"])
+    assert server.gets["/t/model.pth"] == 2
+
+
+def test_2_an_official_file_failing_its_name_hash_is_replaced(env, server, monkeypatch, pth, models):
+    _official(monkeypatch, server, pth["ref"])
+    monkeypatch.setenv("HF_ENDPOINT", server.root + "/nohub")  # the Hub lacks it: the official file is used
+    checkpoints = env / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / VARIANTS[TINY].weights.file_name).write_bytes(pth["other"])  # no record, wrong hash
+    with pytest.warns(UserWarning, match="does not start with"):
+        assert _equal(_load(), models["ref"])
+
+
+# --------------------------------------------------------------------------- 3. nothing corrupt is ever cached
+def test_3_body_cut_short_without_content_length_is_not_cached(env, server, pth, models):
+    url = server.add(
+        "/nolen/model.pth", Route(pth["ref"], content_length=False, drop_after=len(pth["ref"]) // 2)
+    )
+    with pytest.raises(DownloadError, match="truncated torch file"):
+        _load(url)
+    assert _files(env / "torch") == []
+    server.add("/nolen/model.pth", Route(pth["ref"], content_length=False))  # the whole body, still no length
+    assert _equal(_load(url), models["ref"])
+
+
+def test_3_html_page_with_http_200_is_not_cached(env, server):
+    page = b"<!DOCTYPE html><html><body>Please log in</body></html>"
+    url = server.add("/html/model.pth", Route(page, headers={"Content-Type": "text/html"}))
+    with pytest.raises(DownloadError, match="HTML page") as e:
+        _load(url)
+    assert _fixes_named(str(e.value)) and server.gets["/html/model.pth"] == 1  # not retried
+    assert _files(env / "torch") == []
+
+
+def test_3_an_html_page_from_the_hub_is_not_kept_in_its_cache(env, server, st, models):
+    page = b"<html><body>mirror error</body></html>"
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", page)
+    with pytest.raises(DownloadError, match="not a whole checkpoint"):
+        _load(f"hf-hub:{HUB_REPO}")
+    assert [f for f in _files(env / "hf") if "/blobs/" in f or f.endswith("model.safetensors")] == []
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    assert _equal(_load(f"hf-hub:{HUB_REPO}"), models["ref"])
+
+
+def test_3_a_killed_download_leaves_nothing_the_next_load_keeps(env, server, pth, models):
+    url = server.add("/slow/model.pth", Route(pth["ref"], delay_s=30))
+    code = f"from deit_registry.weights import download; download('{TINY}', {url!r}, progress=False)"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "DEIT_REGISTRY_DOWNLOAD_TIMEOUT": "60"},
+    )
+    folder = cache_path(url).parent
+    deadline = time.monotonic() + 60
+    while not (
+        _partials(folder) and any(folder.glob("*.partial")) and next(folder.glob("*.partial")).stat().st_size
+    ):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert len(_partials(folder)) == 1 and not cache_path(url).exists()
+    server.add("/slow/model.pth", Route(pth["ref"]))
+    assert _equal(_load(url), models["ref"])
+    assert _partials(env) == [] and cache_path(url).is_file()
+
+
+def test_3_a_killed_hub_download_is_finished_by_the_next_load(env, server, st, models):
+    """huggingface_hub keeps ``blobs/*.incomplete`` under its own lock; the next load completes it (our server
+    ignores Range, so it starts over) and nothing partial remains."""
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    slow = dataclasses.replace(server.routes[_hub_path()], delay_s=10)  # writes come in 10 MB pieces
+    server.routes[_hub_path()] = slow
+    code = f"from deit_registry.weights import download; download('{TINY}', progress=False)"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "DEIT_REGISTRY_DOWNLOAD_TIMEOUT": "60"},
+    )
+    hub = env / "hf" / "hub"
+    deadline = time.monotonic() + 60
+    while not any(p.stat().st_size for p in hub.rglob("*.incomplete")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    hubfetch.clean_partials(HUB_REPO)  # a live download holds the lock: its partial stays
+    assert len(_partials(hub)) == 1
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert len(_partials(hub)) == 1 and not weights.is_cached(TINY)
+    server.routes[_hub_path()] = dataclasses.replace(slow, delay_s=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the Hub copy, no fallback
+        assert _equal(_load(), models["ref"])
+    assert _partials(env) == [] and weights.is_cached(TINY)
+
+
+# ------------------------------------------------------------------------------------------- 4. bounded time
+def _bounded(fn, limit: float) -> BaseException:
+    start = time.monotonic()
+    with pytest.raises(DownloadError) as e:
+        fn()
+    elapsed = time.monotonic() - start
+    assert elapsed < limit, f"took {elapsed:.1f} s"
+    return e.value
+
+
+def test_4_a_server_that_never_answers_fails_by_the_deadline(env, server, monkeypatch):
+    monkeypatch.setenv("DEIT_REGISTRY_RETRIES", "10")  # the deadline, not the retry budget, ends it
+    url = server.add("/silent/model.pth", Route(silent=True))
+    err = _bounded(lambda: _load(url), DEADLINE_S + 1.5)
+    assert "127.0.0.1" in str(err) and "DEIT_REGISTRY_DOWNLOAD_TIMEOUT" in str(err) and _fixes_named(str(err))
+    assert _files(env / "torch") == []
+
+
+def test_4_a_trickling_server_fails_by_the_deadline(env, server, pth):
+    url = server.add("/trickle/model.pth", Route(pth["ref"], trickle_s=0.5))  # each read well within 1 s
+    err = _bounded(lambda: _load(url), DEADLINE_S + 1.5)
+    assert "within 3 s" in str(err) and _fixes_named(str(err))
+    assert _files(env / "torch") == []
+
+
+def test_4_drops_every_response_mid_body_within_the_retry_budget(env, server, monkeypatch, pth):
+    monkeypatch.setenv("DEIT_REGISTRY_RETRIES", "2")
+    url = server.add("/drop/model.pth", Route(pth["ref"], drop_after=len(pth["ref"]) // 3))
+    err = _bounded(lambda: _load(url), DEADLINE_S + 1.5)
+    assert "3 attempts" in str(err) and "dropped" in str(err)
+    assert server.gets["/drop/model.pth"] == 3 and _files(env / "torch") == []
+
+
+def test_4_a_transient_500_is_retried(env, server, pth, models):
+    url = server.add("/flaky/model.pth", Route(pth["ref"], fail_first=1))
+    assert _equal(_load(url), models["ref"]) and server.gets["/flaky/model.pth"] == 2
+
+
+def test_4_hub_500_on_an_explicit_id_fails_by_the_deadline(env, server):
+    server.add(_hub_path(), Route(b"boom", status=500))
+    err = _bounded(lambda: _load(f"hf-hub:{HUB_REPO}"), DEADLINE_S + 1.5)
+    assert "127.0.0.1" in str(err) and _fixes_named(str(err))
+
+
+def test_4_settings_are_validated(env, monkeypatch, server):
+    monkeypatch.setenv("DEIT_REGISTRY_DOWNLOAD_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="DEIT_REGISTRY_DOWNLOAD_TIMEOUT"):
+        _load(server.url("/any/model.pth"))
+
+
+# ---------------------------------------------------------------------------- 5. fetch-side errors of item 7
+def test_5_chunked_body_cut_short_is_a_download_error(env, server, pth):
+    url = server.add("/chunked/model.pth", Route(pth["ref"], chunked=True, drop_after=1000))
+    err = _bounded(lambda: _load(url), DEADLINE_S + 1.5)
+    assert "dropped mid-body" in str(err) and _files(env / "torch") == []
+
+
+def test_5_hub_id_with_too_many_parts_names_the_form(env):
+    with pytest.raises(InvalidSourceError, match=r"hf-hub:owner/repo\[@revision\]"):
+        _load("hf-hub:a/b/c")
+
+
+def test_5_url_with_no_file_name(env, server):
+    with pytest.raises(InvalidSourceError, match="names no file"):
+        _load(server.url("/folder/"))
+
+
+def _read_only_dir() -> Path:
+    path = Path("/sys/deit-registry-test-cache")
+    try:
+        path.mkdir()
+    except PermissionError:
+        return path
+    except OSError:
+        pass
+    path.rmdir() if path.exists() else None
+    pytest.skip("needs a folder this process cannot create (a read-only /sys)")
+
+
+@pytest.mark.parametrize("which", ["torch", "hf"])
+def test_5_read_only_cache_names_the_folder_and_the_fix(env, server, monkeypatch, pth, st, which):
+    blocked = _read_only_dir()
+    if which == "torch":
+        monkeypatch.setenv("TORCH_HOME", str(blocked))
+        source, fix = server.add("/ro/model.pth", Route(pth["ref"])), "TORCH_HOME"
+    else:
+        monkeypatch.setenv("HF_HOME", str(blocked))
+        server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+        source, fix = f"hf-hub:{HUB_REPO}", "HF_HOME"
+    with pytest.raises(CacheNotWritableError) as e:
+        _load(source)
+    assert str(blocked) in str(e.value) and fix in str(e.value) and isinstance(e.value, PermissionError)
+
+
+def test_5_concurrent_loaders_download_once(env, server, pth, models):
+    url = server.add("/together/model.pth", Route(pth["ref"], delay_s=1.0))
+    results: list[object] = []
+
+    def load() -> None:
+        try:
+            results.append(weights.download(TINY, url, progress=False))
+        except BaseException as e:  # reported below
+            results.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [cache_path(url)] * 3 and server.gets["/together/model.pth"] == 1
