@@ -293,7 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"# CPU features: {cpu_features()}")
     if "fast" in args.modes and mode_dtype("fast") == torch.float32:
-        print("# no native bf16 here: the fast mode runs (and is compared with timm) in float32; bf16 not timed")
+        print(
+            "# no native bf16 here: the fast mode runs (and is compared with timm) in float32; bf16 not timed"
+        )
     # Only the dtypes the chosen modes run in: an emulated bf16 matmul alone can take minutes.
     dtypes = sorted({mode_dtype(m) for m in args.modes}, key=str)
     rates = {dt: matmul_rate(dt, args.repeats) for dt in dtypes}

@@ -95,7 +95,9 @@ class Variant:
     arch: Architecture
     weights: PretrainedWeights
     num_params: int
-    gmacs: float  # billions of multiply-accumulates at the native resolution, 1000 classes (the paper's "FLOPs")
+    gmacs: (
+        float  # billions of multiply-accumulates at the native resolution, 1000 classes (the paper's "FLOPs")
+    )
     paper: str = field(default=PAPER)
 
     def model_kwargs(self) -> dict[str, Any]:

@@ -35,7 +35,6 @@ from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeChec
 
 # The one list of weight file names, best first (safetensors: no pickle, no code).
 WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin", "model.pth", "pytorch_model.pth")
-FOLDER_WEIGHT_FILES = WEIGHT_FILE_NAMES  # former name, kept for callers
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "module")
 # Where EMA weights live: the original repository's training checkpoints, then timm's train.py.
 EMA_KEYS = ("model_ema", "state_dict_ema")

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..architecture import DeiT
 from ..errors import CheckpointMismatchError
-from ..variants import Variant
+from ..variants import Variant, get_variant
 from . import conversion, formats, sources
 
 Source = str | os.PathLike[str] | Mapping[str, torch.Tensor] | None
@@ -89,7 +89,7 @@ def load_pretrained(
             dropped) or plain weights into a distilled one (distillation token and head copied from the class
             token and head).
     """
-    variant = sources.get_variant(variant)
+    variant = get_variant(variant)
     opts: dict[str, Any] = variant.model_kwargs()
     opts.update(options or {})
     skeleton = _skeleton(opts)  # before any byte moves
@@ -193,4 +193,4 @@ def download(
 
 def is_cached(name: str | Variant) -> bool:
     """Whether the official weights of ``name`` are already in torch.hub's cache."""
-    return sources.cached_path(sources.get_variant(name)).is_file()
+    return sources.cached_path(get_variant(name)).is_file()

@@ -23,7 +23,7 @@ import torch
 
 from ..architecture import DeiT
 from ..errors import CheckpointMismatchError, WeightsError
-from ..variants import VARIANTS, Variant
+from ..variants import VARIANTS, Variant, get_variant
 from . import conversion, formats, sources
 
 WEIGHTS_NAME = "model.safetensors"
@@ -88,7 +88,7 @@ def save_pretrained(model: DeiT, directory: str | os.PathLike[str], name: str | 
 
     ``name`` is the architecture recorded in the config (default: the variant with the model's shape).
     """
-    variant = sources.get_variant(name) if name else _variant_of(model)
+    variant = get_variant(name) if name else _variant_of(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
@@ -153,7 +153,7 @@ def convert(
                 f"cannot tell which DeiT variant {path} holds (no cls_token of a DeiT width); pass name= "
                 f"(--name), e.g. 'deit_small_patch16_224'"
             )
-    variant = sources.get_variant(name)
+    variant = get_variant(name)
     options: dict[str, Any] = {}
     head = sd.get("head.weight")
     options["num_classes"] = int(head.shape[0]) if head is not None else 0

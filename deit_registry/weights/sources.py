@@ -36,19 +36,18 @@ from ..errors import (
     MissingDependencyError,
     OfflineError,
 )
-from ..variants import OFFICIAL_URL_ROOT, VARIANTS, Variant
+from ..variants import OFFICIAL_URL_ROOT, Variant, get_variant
 from . import hubfetch, urlfetch
+from .formats import WEIGHT_FILE_NAMES
 from .hubfetch import split_hub_id
 from .urlfetch import cache_dir, fetch_url, is_offline
 
 __all__ = [
     "HF_PREFIX",
-    "HUB_WEIGHT_FILES",
     "cache_dir",
     "cached_path",
     "fetch_hf_hub",
     "fetch_url",
-    "get_variant",
     "hub_repo",
     "is_cached",
     "is_offline",
@@ -59,10 +58,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 HF_PREFIX = "hf-hub:"
-HUB_TAG = "fb_in1k"
-HUB_FILE = "model.safetensors"
-# Files tried in an explicit hub repository, best first: safetensors never runs code.
-HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 _fallback_warned: set[str] = set()
 
 
@@ -74,23 +69,14 @@ def official_url(variant: Variant) -> str:
 
 def hub_repo(variant: Variant) -> str:
     """timm's Hub repository of the variant's ImageNet-1k weights, e.g. ``timm/deit_tiny_patch16_224.fb_in1k``."""
-    return f"timm/{variant.name}.{HUB_TAG}"
-
-
-def get_variant(name: str | Variant) -> Variant:
-    if isinstance(name, Variant):
-        return name
-    base = name.split(".", 1)[0]
-    if base not in VARIANTS:
-        raise ValueError(f"unknown DeiT variant {name!r}; choose one of {sorted(VARIANTS)}")
-    return VARIANTS[base]
+    return variant.weights.hf_hub_id
 
 
 def cached_path(variant: Variant) -> Path:
     """Where the default order would find ``variant``'s weights without a download: the Hub cache's file if
     it has one, else the official file's place in torch.hub's cache (which may not exist)."""
     if hubfetch.available():
-        found = hubfetch.cached_file(hub_repo(variant), HUB_FILE)
+        found = hubfetch.cached_file(hub_repo(variant), variant.weights.hf_hub_filename)
         if found is not None:
             return found
     return urlfetch.cache_path(official_url(variant), shared=True)
@@ -142,7 +128,7 @@ def default_weights(variant: Variant, progress: bool = True) -> Path:
     if not hubfetch.available():  # torch alone: the official file, as torch.hub always did
         return fetch_url(url, hash_prefix=variant.weights.sha256_prefix, progress=progress, shared=True)
     if is_offline():
-        found = hubfetch.cached_file(repo, HUB_FILE)
+        found = hubfetch.cached_file(repo, variant.weights.hf_hub_filename)
         if found is not None:
             return found
         try:
@@ -155,7 +141,7 @@ def default_weights(variant: Variant, progress: bool = True) -> Path:
                 f"weights=PATH"
             ) from e
     try:
-        found = hubfetch.fetch(repo, HUB_FILE, progress=progress)
+        found = hubfetch.fetch(repo, variant.weights.hf_hub_filename, progress=progress)
         assert found is not None
         return found
     except (DownloadError, CheckpointNotFoundError) as e:  # unreachable, stalled, 5xx, or no such file
@@ -181,7 +167,7 @@ def default_weights(variant: Variant, progress: bool = True) -> Path:
 
 def fetch_hf_hub(hub_id: str, progress: bool = True) -> Path:
     """Fetch an explicit hub repository's weights (and ``config.json`` if it has one); return its snapshot
-    folder. The weights file is the first of :data:`HUB_WEIGHT_FILES` the repository has, so transformers'
+    folder. The weights file is the first of :data:`WEIGHT_FILE_NAMES` the repository has, so transformers'
     repos (``facebook/deit-*``) and timm's (``timm/<name>.fb_in1k``) both work; ``@revision`` pins a branch,
     tag or commit. The whole call shares one deadline (``DEIT_REGISTRY_DOWNLOAD_TIMEOUT``).
     """
@@ -191,7 +177,7 @@ def fetch_hf_hub(hub_id: str, progress: bool = True) -> Path:
     repo, revision = split_hub_id(hub_id)
     deadline = Deadline(download_timeout())
     offline_miss: OfflineError | None = None
-    for filename in HUB_WEIGHT_FILES:
+    for filename in WEIGHT_FILE_NAMES:
         try:
             weights = hubfetch.fetch(
                 repo, filename, revision, progress=progress, deadline=deadline, missing_ok=True
@@ -209,9 +195,9 @@ def fetch_hf_hub(hub_id: str, progress: bool = True) -> Path:
     if offline_miss is not None:
         raise OfflineError(
             f"offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE) and hf-hub:{hub_id} has no weights file "
-            f"({', '.join(HUB_WEIGHT_FILES)}) in the Hugging Face cache. Unset offline mode once to download "
+            f"({', '.join(WEIGHT_FILE_NAMES)}) in the Hugging Face cache. Unset offline mode once to download "
             f"it, or pass weights=PATH"
         ) from offline_miss
     raise CheckpointNotFoundError(
-        f"hf-hub:{hub_id} has none of {', '.join(HUB_WEIGHT_FILES)}. Pass the URL of its weights file instead"
+        f"hf-hub:{hub_id} has none of {', '.join(WEIGHT_FILE_NAMES)}. Pass the URL of its weights file instead"
     )
