@@ -45,6 +45,7 @@ _LAZY = {
     "optimize_for_inference": "fast",
     "register_entry_points": "timm_adapter",
     "FeaturePyramid": "pyramid",
+    "register_smp_encoders": "smp_encoder",
     "eval_transform": "transforms",
     "attention_maps": "inspection",
     "class_token_heatmaps": "inspection",
@@ -109,6 +110,7 @@ if TYPE_CHECKING:
     from .heads import HeadModules, HeadSpec, MaskedImageModelingHead, list_heads, register_head
     from .inspection import attention_maps, class_token_heatmaps
     from .pyramid import FeaturePyramid
+    from .smp_encoder import register_smp_encoders
     from .timm_adapter import register_entry_points
     from .training import DistillationLoss, freeze, param_groups_layer_decay, unfreeze
     from .transforms import eval_transform
