@@ -69,8 +69,10 @@ def test_run_builds_ours_and_passes_argv_output_and_exit_code(script_dir: Path, 
     assert "to stderr" in r.stderr
 
 
-def test_run_module_form(tmp_path: Path) -> None:
-    pkg = tmp_path / "mypkg"
+def test_run_module_form(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from deit_registry.cli import main
+
+    pkg = tmp_path / "h5_run_pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "tool.py").write_text(
@@ -82,26 +84,32 @@ def test_run_module_form(tmp_path: Path) -> None:
             """
         )
     )
-    r = _py("-m", "deit_registry", "run", "-m", "mypkg.tool", "--flag", "1", cwd=tmp_path)
-    assert r.returncode == 5, r.stderr
-    assert r.stdout.startswith("deit_registry.") and "['--flag', '1'] __main__" in r.stdout
+    monkeypatch.chdir(tmp_path)  # python -m puts the current folder first on sys.path
+    assert main(["run", "-m", "h5_run_pkg.tool", "--flag", "1"]) == 5
+    out = capsys.readouterr().out
+    assert out.startswith("deit_registry.") and "['--flag', '1'] __main__" in out
 
 
-def test_exit_message_exception_and_missing_script(tmp_path: Path) -> None:
+def test_exit_message_exception_and_missing_script(tmp_path: Path, capsys) -> None:
+    from deit_registry.cli import main
+
     (tmp_path / "msg.py").write_text("import sys\nsys.exit('bad config')\n")
-    r = _py("-m", "deit_registry", "run", "msg.py", cwd=tmp_path)
-    assert (r.returncode, r.stderr.strip()) == (1, "bad config")
+    assert main(["run", str(tmp_path / "msg.py")]) == 1
+    assert capsys.readouterr().err.strip() == "bad config"
 
     (tmp_path / "boom.py").write_text("def f():\n    raise KeyError('boom')\nf()\n")
-    r = _py("-m", "deit_registry", "run", "boom.py", cwd=tmp_path)
-    assert r.returncode == 1
-    assert "Traceback" in r.stderr and "KeyError: 'boom'" in r.stderr
+    assert main(["run", str(tmp_path / "boom.py")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError: 'boom'" in err
 
-    r = _py("-m", "deit_registry", "run", "nope.py", cwd=tmp_path)
-    assert r.returncode == 1 and "nope.py" in r.stderr and "Traceback" not in r.stderr
+    assert main(["run", str(tmp_path / "nope.py")]) == 1
+    err = capsys.readouterr().err
+    assert "nope.py" in err and "Traceback" not in err
 
-    r = _py("-m", "deit_registry", "run", cwd=tmp_path)
-    assert r.returncode == 1 and "run needs a script" in r.stderr
+    assert main(["run"]) == 1
+    assert "run needs a script" in capsys.readouterr().err
+    assert main(["run", "-m"]) == 1
+    assert "run -m needs a module name" in capsys.readouterr().err
 
 
 def test_registration_failure_stops_before_the_script(tmp_path: Path) -> None:
