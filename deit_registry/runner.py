@@ -42,11 +42,22 @@ def activate_timm() -> list[str]:
     from .timm_adapter import register_with_timm
 
     try:
-        return list(register_with_timm())
+        names = list(register_with_timm())
     except Exception as e:
         raise TimmRegistrationError(
             f"registering the DeiT models with timm failed: {type(e).__name__}: {e}"
         ) from e
+    # Trust but verify through timm's public lookup: a registration that did not take would leave timm's own
+    # DeiT in place and the script would run with it without a word.
+    from timm.models import model_entrypoint
+
+    stale = [n for n in names if not getattr(model_entrypoint(n), "__module__", "").startswith(__package__)]
+    if stale:
+        raise TimmRegistrationError(
+            f"timm.create_model still resolves {', '.join(stale)} to another package's code after registration; "
+            f"report this with your timm version (import timm; timm.__version__)"
+        )
+    return names
 
 
 def exit_status(code: object) -> int:

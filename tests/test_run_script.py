@@ -133,3 +133,23 @@ def test_in_process_run_restores_argv_and_path(tmp_path: Path, capsys: pytest.Ca
     assert main(["run", str(tmp_path / "p.py"), "a"]) == 0
     assert capsys.readouterr().out.strip() == str([str(tmp_path / "p.py"), "a"])
     assert (sys.argv, sys.path) == (argv, path)
+
+
+@pytest.mark.parametrize(
+    "register, message",
+    [
+        (lambda: ["resnet18"], "resolves resnet18 to another package"),  # registration that did not take
+        (lambda: (_ for _ in ()).throw(RuntimeError("timm said no")), "timm said no"),
+    ],
+)
+def test_registration_that_fails_or_does_not_take_is_an_error(
+    register, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import deit_registry.timm_adapter
+    from deit_registry.cli import main
+
+    monkeypatch.setattr(deit_registry.timm_adapter, "register_with_timm", register)
+    (tmp_path / "s.py").write_text("print('script ran')\n")
+    assert main(["run", str(tmp_path / "s.py")]) == 1
+    out, err = capsys.readouterr()
+    assert "script ran" not in out and message in err
