@@ -1,19 +1,50 @@
-"""Print the cache key (or, with --list, the requirement list) of the CI virtual environment.
+"""Print the requirement list (``--list``) or the cache key of one CI environment.
 
-The key hashes the runtime and test dependencies declared in pyproject.toml plus the Python version,
-so the cached environment is rebuilt exactly when the dependency list changes.
+Two environments are tested (``--env``):
+
+* ``newest``: the requirements of pyproject.toml as declared; pip resolves the newest releases.
+* ``floor``: every ``name>=X`` pinned to ``name==X``, the oldest versions we declare (runtime and test
+  dependencies), plus the pins in ``FLOOR_EXTRA`` for what pip cannot derive (torchvision must match torch).
+
+The key hashes the list and the Python version, so a cached environment is rebuilt exactly when either changes.
 """
 
+import argparse
 import hashlib
+import re
 import sys
 from pathlib import Path
 
 import tomllib
 
-project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
-requirements = sorted(project["dependencies"] + project["optional-dependencies"]["test"])
-if "--list" in sys.argv:
-    print("\n".join(requirements))
-else:
-    text = "\n".join(requirements) + f"\npython{sys.version_info[0]}.{sys.version_info[1]}"
-    print(hashlib.sha256(text.encode()).hexdigest()[:16])
+# torchvision is timm's dependency, not ours: pin the release built for the torch floor.
+FLOOR_EXTRA = ["torchvision==0.19.0"]
+
+
+def requirements(env: str) -> list[str]:
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    declared = sorted(project["dependencies"] + project["optional-dependencies"]["test"])
+    if env == "newest":
+        return declared
+    floors = [re.sub(r"\s*>=\s*", "==", r) for r in declared]
+    unpinned = [r for r in floors if "==" not in r]
+    if unpinned:
+        sys.exit(f"dependency_key: no floor declared for {unpinned}")
+    return floors + FLOOR_EXTRA
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--env", choices=["newest", "floor"], default="newest")
+    parser.add_argument("--list", action="store_true", help="print the requirements, one a line")
+    args = parser.parse_args()
+    reqs = requirements(args.env)
+    if args.list:
+        print("\n".join(reqs))
+    else:
+        text = "\n".join(reqs) + f"\npython{sys.version_info[0]}.{sys.version_info[1]}"
+        print(f"{args.env}-" + hashlib.sha256(text.encode()).hexdigest()[:16])
+
+
+if __name__ == "__main__":
+    main()

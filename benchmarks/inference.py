@@ -37,21 +37,52 @@ import torch
 from torch import nn
 
 import deit_registry as dr
-from deit_registry.fast import optimize_for_inference
+from deit_registry.fast import optimize_for_inference, pick_dtype
 from deit_registry.variants import VARIANTS
 
 MODES = ("exact", "fast", "fast-fp32")
 
 
-def cpu_name() -> str:
+def cpu_info() -> dict[str, str]:
+    """The first processor's ``/proc/cpuinfo`` fields (empty where there is none)."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return info
+
+
+def cpu_name() -> str:
+    return cpu_info().get("model name") or platform.processor() or platform.machine()
+
+
+# /proc/cpuinfo flag -> name; the ones that decide which kernels oneDNN can use.
+CPU_FEATURES = {
+    "avx2": "AVX2",
+    "avx512f": "AVX-512",
+    "avx512_vnni": "AVX512-VNNI",
+    "avx_vnni": "AVX-VNNI",
+    "avx512_bf16": "AVX512-BF16",
+    "amx_bf16": "AMX-BF16",
+    "amx_int8": "AMX-INT8",
+}
+
+
+def cpu_features() -> str:
+    """Which of :data:`CPU_FEATURES` this CPU has, e.g. ``"AVX2 yes, AVX-512 no, ..."``."""
+    flags = set(cpu_info().get("flags", "").split())
+    return ", ".join(f"{name} {'yes' if flag in flags else 'no'}" for flag, name in CPU_FEATURES.items())
+
+
+def mode_dtype(mode: str) -> torch.dtype:
+    """The compute dtype a mode runs in here (the fast mode asks the package, as it does itself)."""
+    return pick_dtype(torch.device("cpu")) if mode == "fast" else torch.float32
 
 
 MATMUL_N = 4096
@@ -159,18 +190,21 @@ def quality_check(model: nn.Module, n: int = 32) -> dict[str, float]:
 
 def executed_fraction(model: nn.Module) -> float:
     """The share of the model's FLOPs that its fast copy executes (it skips the last block's work on tokens
-    the head never reads: ``DeiT.head_tokens_only``), counted by ``torch.utils.flop_counter`` on one image."""
+    the head never reads: ``deit_registry.fast.InferenceBlock``), counted by ``torch.utils.flop_counter`` on
+    one image with attention as explicit matmuls (the counter misses CPU scaled_dot_product_attention in some
+    torch releases)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.randn(1, 3, *model.patch_embed.img_size)
-    counts = {}
-    for skip in (False, True):
-        probe = copy.deepcopy(model)
-        probe.head_tokens_only = skip
+    counts = []
+    for probe in (copy.deepcopy(model), optimize_for_inference(model, dtype=torch.float32, compile=False)):
+        for m in probe.modules():
+            if isinstance(getattr(m, "fused_attn", None), bool):
+                m.fused_attn = False
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
             probe(x)
-        counts[skip] = counter.get_total_flops()
-    return counts[True] / counts[False]
+        counts.append(counter.get_total_flops())
+    return counts[1] / counts[0]
 
 
 def build_pair(name: str) -> tuple[nn.Module, nn.Module, float]:
@@ -257,10 +291,16 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"# {datetime.date.today()}  torch {torch.__version__}  {cpu_name()}  threads={torch.get_num_threads()}"
     )
-    rates = {dt: matmul_rate(dt, args.repeats) for dt in (torch.float32, torch.bfloat16)}
+    print(f"# CPU features: {cpu_features()}")
+    if "fast" in args.modes and mode_dtype("fast") == torch.float32:
+        print("# no native bf16 here: the fast mode runs (and is compared with timm) in float32; bf16 not timed")
+    # Only the dtypes the chosen modes run in: an emulated bf16 matmul alone can take minutes.
+    dtypes = sorted({mode_dtype(m) for m in args.modes}, key=str)
+    rates = {dt: matmul_rate(dt, args.repeats) for dt in dtypes}
     print(
-        f"# matmul 4096^3: fp32 {rates[torch.float32]:.0f} GFLOP/s, bf16 {rates[torch.bfloat16]:.0f} GFLOP/s"
-        f" (median of {args.repeats})"
+        "# matmul 4096^3: "
+        + ", ".join(f"{str(dt).replace('torch.', '')} {rate:.0f} GFLOP/s" for dt, rate in rates.items())
+        + f" (median of {args.repeats})"
     )
     header = (
         f"{'variant':34} {'mode':9} {'bs':>3} | {'ours im/s':>9} {'timm im/s':>9} {'speedup':>7} | "
@@ -271,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     quality_lines, notes = [], []
     for name in args.variants:
         ours, theirs, diff = build_pair(name)
-        gflop = 2 * VARIANTS[name].gflops
+        gflop = 2 * VARIANTS[name].gmacs
         fraction = 1.0
         if any(mode != "exact" for mode in args.modes):
             fraction = executed_fraction(ours)

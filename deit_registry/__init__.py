@@ -26,11 +26,12 @@ from .registry import (
     model_entrypoint,
     register_model,
 )
-from .variants import VARIANTS, Architecture, PretrainedWeights, Variant
+from .variants import VARIANTS, Architecture, PretrainedWeights, Variant, get_variant
 
 __version__ = "0.1.0"
 
-# timm.create_model("deit_*") builds our models: registers now if timm is imported, else when it is.
+# timm.create_model("deit_*") builds our models: registers now if timm is imported, else when it is
+# (deit_registry.register_with_timm() by hand only where a warning says so).
 _timm_hook.install()
 
 # name -> submodule that defines it; imported on first access.
@@ -44,6 +45,7 @@ _LAZY = {
     "MaskedImageModelingHead": "heads",
     "optimize_for_inference": "fast",
     "register_entry_points": "timm_adapter",
+    "register_with_timm": "timm_adapter",
     "FeaturePyramid": "pyramid",
     "register_smp_encoders": "smp_encoder",
     "eval_transform": "transforms",
@@ -73,6 +75,7 @@ __all__ = [
     "Variant",
     "create_model",
     "get_pretrained_cfg",
+    "get_variant",
     "is_model",
     "list_models",
     "load_entry_points",
@@ -111,6 +114,6 @@ if TYPE_CHECKING:
     from .inspection import attention_maps, class_token_heatmaps
     from .pyramid import FeaturePyramid
     from .smp_encoder import register_smp_encoders
-    from .timm_adapter import register_entry_points
+    from .timm_adapter import register_entry_points, register_with_timm
     from .training import DistillationLoss, freeze, param_groups_layer_decay, unfreeze
     from .transforms import eval_transform

@@ -5,7 +5,7 @@
     deit-registry predict deit_tiny_patch16_224 cat.jpg dog.png --topk 3
     deit-registry explain deit_small_patch16_224 cat.jpg -o cat_attention.png
     deit-registry download deit_tiny_patch16_224 deit_small_patch16_224
-    deit-registry convert deit_tiny_patch16_224-a1311bcf.pth tiny/
+    deit-registry convert deit_tiny_patch16_224-a1311bcf.pth tiny/ [--ema] [--force]
     deit-registry validate deit_tiny_patch16_224 --data /data/imagenet/val --batch-size 128 --workers 8
     deit-registry run validate.py --model deit_tiny_patch16_224 ...   # any timm script, our models active
 
@@ -102,7 +102,7 @@ def _list_record(v: Variant, cached: bool) -> dict[str, Any]:
     return {
         "name": v.name,
         "params": v.num_params,
-        "gflops": v.gflops,
+        "gmacs": v.gmacs,
         "input_size": list(v.weights.input_size),
         "top1": v.weights.top1,
         "top5": v.weights.top5,
@@ -120,13 +120,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(records)
         return 0
-    rows = [["model", "params", "GFLOPs", "input", "top-1", "top-5", "cached"]]
+    rows = [["model", "params", "GMACs", "input", "top-1", "top-5", "cached"]]
     for r in records:
         rows.append(
             [
                 r["name"],
                 f"{r['params'] / 1e6:.1f}M",
-                f"{r['gflops']:.2f}",
+                f"{r['gmacs']:.2f}",
                 f"{r['input_size'][1]}x{r['input_size'][2]}",
                 f"{r['top1']:.1f}",
                 f"{r['top5']:.1f}",
@@ -135,7 +135,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         )
     print(_table(rows, right={1, 2, 4, 5}))
     print(
-        "\nImageNet-1k top-1/top-5 (%) with the official evaluation transform; GFLOPs are multiply-accumulates."
+        "\nImageNet-1k top-1/top-5 (%) with the official evaluation transform; GMACs: billions of multiply-accumulates per image."
     )
     return 0
 
@@ -150,7 +150,7 @@ def _info_record(v: Variant) -> dict[str, Any]:
     return {
         "name": v.name,
         "num_params": v.num_params,
-        "gflops": v.gflops,
+        "gmacs": v.gmacs,
         "default_head": v.default_head,
         "paper": v.paper,
         "architecture": arch,
@@ -174,7 +174,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(v.name)
     print(f"  parameters       {v.num_params:,}")
     print(
-        f"  GFLOPs           {v.gflops:.2f} (multiply-accumulates of one image at {v.arch.img_size}x{v.arch.img_size})"
+        f"  GMACs            {v.gmacs:.2f} (multiply-accumulates of one image at {v.arch.img_size}x{v.arch.img_size})"
     )
     print(f"  default head     {v.default_head}")
     print(f"  paper            {v.paper}")
@@ -393,7 +393,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .weights import convert
 
     name = _variant(args.name).name if args.name else None
-    out = convert(args.src, args.dst, name=name, ema=args.ema)
+    out = convert(args.src, args.dst, name=name, ema=args.ema, overwrite=args.force)
     files = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
     print(f"converted {args.src} -> {out} ({files})")
     return 0
@@ -530,7 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dst", help="output folder")
     p.add_argument("--name", help="the variant, when it cannot be read from the checkpoint")
-    p.add_argument("--ema", action="store_true", help="take a training checkpoint's model_ema weights")
+    p.add_argument(
+        "--ema",
+        action="store_true",
+        help="take a training checkpoint's EMA weights (model_ema, or timm train.py's state_dict_ema)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace an existing DST/model.safetensors and config.json"
+    )
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .errors import DeiTRegistryError
-from .transforms import load_image
+from .transforms import ImageReadError, load_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _SYNSET = re.compile(r"^n\d{8}$")
@@ -149,7 +149,7 @@ def evaluate(
     bar = _progress(len(dataset), progress)
     model.eval().to(device)
     seen = correct1 = correct5 = 0
-    for images, labels in loader:
+    for images, labels in _batches(loader):
         logits = model(images.to(device))
         labels = labels.to(logits.device)
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
@@ -163,6 +163,23 @@ def evaluate(
     if bar is not None:
         bar.close()
     return EvalResult(seen, correct1, correct5)
+
+
+def _batches(loader: Any) -> Any:
+    """The loader's batches; an image that cannot be read in a worker process is re-raised as one line.
+
+    A DataLoader worker's exception comes back as the same type with the worker's traceback in its message;
+    the original message (the file and the reason) is its last line, which is all a user needs.
+    """
+    try:
+        yield from loader
+    except ImageReadError as exc:
+        lines = str(exc).strip().splitlines()
+        if len(lines) > 1:
+            tag = f"{ImageReadError.__name__}: "
+            last = next((ln for ln in reversed(lines) if tag in ln), lines[-1])
+            raise ImageReadError(last.split(tag, 1)[-1].strip()) from None
+        raise
 
 
 def _progress(total: int, enabled: bool) -> Any:

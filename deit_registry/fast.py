@@ -7,7 +7,7 @@
 
     model = dr.create_model("deit_small_distilled_patch16_224", pretrained=True).eval()
     fast = optimize_for_inference(model)          # bf16 weights + torch.compile (inductor, frozen weights)
-    logits = fast(images)                         # float32 in, float32 out; first call compiles (about a minute)
+    logits = fast(images)                         # float32 in, float32 out; first call compiles (slow on small CPUs)
 
 What it trades (the default model is untouched and stays exact fp32):
 
@@ -26,27 +26,45 @@ How, on CPU: bf16 weights; inductor with weight freezing, so the linears run as 
 with bias, GELU and the residual add fused; the C++ wrapper; and attention as two batched matmuls around a
 softmax (``Attention.fused_attn = False``), which measured faster here than the fused
 ``scaled_dot_product_attention`` CPU kernel in half precision. On CUDA the fused attention kernels stay. To
-override the choice, set ``fused_attn`` on ``fast.model``'s attention modules before the first call. On every
-device the last block runs for the class (and distillation) tokens only when the head reads nothing else
-(``DeiT.head_tokens_only``): the same outputs up to rounding, about 7% less compute (forward hooks on that
-block's modules, if any, see the prefix tokens only).
+override the choice, set ``fused_attn`` on ``fast.model``'s attention modules before the first call.
+
+The copy's blocks run an inference-only forward of their own (:class:`InferenceBlock`, the same modules and
+weights): GELU overwrites fc1's output in place (one large buffer fewer per block in eager mode), and when the
+head reads only the class (and distillation) tokens the last block computes its queries, projection and MLP
+for those tokens alone (keys and values for all): the same outputs up to rounding, less compute. The copy's
+``forward_features`` therefore returns the prefix tokens only, and forward hooks on the copy's last block see
+those tokens only; the original model is untouched.
 
 Where a piece is missing it falls back and says so with a warning: no bf16 support -> float32; no C++
-compiler (CPU) or Triton (CUDA), a compile that fails, or too many compiled graphs -> eager execution.
+compiler (CPU) or Triton (CUDA), a compile that fails, or too many compiled graphs -> eager execution;
+torch's compiler internals moved (see :func:`_compiler_internals`) -> compiling without weight freezing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import importlib
+import importlib.util
 import shutil
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FastInferenceModel", "optimize_for_inference", "pick_dtype", "compiler_available"]
+from .architecture import Attention, Block, DeiT
+
+__all__ = [
+    "FastInferenceModel",
+    "InferenceBlock",
+    "optimize_for_inference",
+    "pick_dtype",
+    "compiler_available",
+]
 
 _ALLOWED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -60,28 +78,69 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
-        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
     return torch.float32
+
+
+def _cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 / AMX): the package's one bf16 probe."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # the op moved or is missing in this build: assume emulated
+        return False
 
 
 def compiler_available(device: torch.device) -> bool:
     """Whether ``torch.compile``'s inductor backend can generate code for ``device`` here."""
     if device.type == "cuda":
-        try:
-            from torch.utils._triton import has_triton
-        except ImportError:
-            return False
-        return has_triton()
+        return importlib.util.find_spec("triton") is not None
     if device.type == "cpu":
-        try:
-            from torch._inductor import config as inductor_config
-        except Exception:  # inductor cannot even be imported (unsupported platform or Python)
-            return False
-        cxx = inductor_config.cpp.cxx[-1] if inductor_config.cpp.cxx else None
+        cxx = _compiler_internals().cxx
         return any(shutil.which(name) for name in ((cxx,) if cxx else ()) + ("g++", "clang++", "c++"))
     return False
+
+
+@dataclass(frozen=True)
+class _CompilerInternals:
+    """What the fast mode needs from torch's compiler that no public API offers (``None`` / empty: missing)."""
+
+    inductor_config: (
+        Any | None
+    )  # inductor's config module: weight freezing, the C++ wrapper, the C++ compiler
+    compile_errors: tuple[type[BaseException], ...]  # Dynamo's "the compiler failed" exceptions
+    recompile_limit_error: type[BaseException] | None
+    cxx: str | None
+
+
+@functools.cache
+def _compiler_internals() -> _CompilerInternals:
+    """The one place that reads torch's non-public compiler modules.
+
+    Inductor's weight freezing and C++ wrapper have no public switch (``torch.compile(options=...)`` reaches
+    inductor but not Dynamo, which reads ``freezing`` while tracing), and Dynamo's compile-failure exceptions
+    are not exported publicly. Dynamo's recompile limit is set through the public ``torch.compiler.config``
+    where it exists (see :func:`_compile_settings`). If a torch release moves these modules, this warns once
+    and the fast mode still works: it compiles without freezing and does not catch compile errors.
+    """
+    try:
+        inductor_config = importlib.import_module("torch._inductor.config")
+        exc = importlib.import_module("torch._dynamo.exc")
+        errors = (exc.BackendCompilerFailed, exc.InternalTorchDynamoError, exc.FailOnRecompileLimitHit)
+        for name in ("freezing", "cpp_wrapper", "cpp"):
+            getattr(inductor_config, name)
+        cxx = inductor_config.cpp.cxx[-1] if inductor_config.cpp.cxx else None
+    except (ImportError, AttributeError, TypeError) as err:
+        warnings.warn(
+            f"torch {torch.__version__}'s compiler internals are not where deit_registry.fast expects them "
+            f"({type(err).__name__}: {err}); compiling without weight freezing or the C++ wrapper, and compile "
+            "failures are not caught",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return _CompilerInternals(None, (), None, None)
+    return _CompilerInternals(inductor_config, errors, exc.FailOnRecompileLimitHit, cxx)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -108,7 +167,7 @@ class FastInferenceModel(nn.Module):
         # state_dict and repr).
         self.__dict__["_compiled"] = compiled
         # Inputs (shape, strides, inference flag: what Dynamo guards on) already compiled: their calls skip the
-        # compile settings, whose patching costs about 0.3 ms per call (3% of deit_tiny's batch-1 latency).
+        # compile settings, whose patching costs a noticeable share of a small model's batch-1 latency.
         self._compiled_inputs: set[tuple[Any, ...]] = set()
 
     @property
@@ -131,13 +190,12 @@ class FastInferenceModel(nn.Module):
                         out = self._compiled(x, *args, **kwargs)
                     if key is not None:
                         self._compiled_inputs.add(key)
-                except _compile_errors() as err:
-                    from torch._dynamo.exc import FailOnRecompileLimitHit
-
+                except _compiler_internals().compile_errors as err:
+                    limit_error = _compiler_internals().recompile_limit_error
                     reason = (
                         f"this process already holds {_RECOMPILE_LIMIT} compiled DeiT graphs (one per fast model "
                         "and input shape; raise deit_registry.fast._RECOMPILE_LIMIT or reuse fast models)"
-                        if isinstance(err, FailOnRecompileLimitHit)
+                        if limit_error is not None and isinstance(err, limit_error)
                         else f"{type(err).__name__}: {str(err).splitlines()[0]}"
                     )
                     warnings.warn(
@@ -164,13 +222,6 @@ def _input_key(x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     return (tuple(x.shape), x.stride(), x.is_inference(), x.requires_grad)
 
 
-def _compile_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "the compiler failed", as opposed to the model rejecting its input."""
-    from torch._dynamo import exc
-
-    return (exc.BackendCompilerFailed, exc.InternalTorchDynamoError, exc.FailOnRecompileLimitHit)
-
-
 def _cast_floats(out: Any, dtype: torch.dtype) -> Any:
     if isinstance(out, torch.Tensor):
         return out.to(dtype) if out.is_floating_point() else out
@@ -185,9 +236,8 @@ def _choose_attention(model: nn.Module, device: torch.device, dtype: torch.dtype
     """Pick the faster attention implementation for ``device`` and ``dtype`` on each attention layer.
 
     On CPU in bf16/fp16 two batched matmuls around a softmax beat the fused ``scaled_dot_product_attention``
-    kernel at DeiT's sequence lengths (measured for deit_small at 198 tokens, batch 32: 9.8 ms against 20 ms
-    per layer compiled, 10.3 against 17.9 eager); in fp32 the two are level, and on CUDA the fused flash /
-    memory-efficient kernels win, so those keep it. Modules without a ``fused_attn`` switch are left alone.
+    kernel at DeiT's sequence lengths (``benchmarks/`` has the figures); in fp32 the two are level, and on
+    CUDA the fused flash / memory-efficient kernels win, so those keep it. Modules without a ``fused_attn`` switch are left alone.
     """
     _set_switch(model, "fused_attn", device.type != "cpu" or dtype == torch.float32)
 
@@ -197,6 +247,67 @@ def _set_switch(model: nn.Module, name: str, value: bool) -> None:
     for module in model.modules():
         if isinstance(getattr(module, name, None), bool):
             setattr(module, name, value)
+
+
+class InferenceBlock(nn.Module):
+    """A :class:`~deit_registry.architecture.Block`'s own modules (same names, same state-dict keys) run for
+    inference only, in the fast copy where no caller can hold an intermediate tensor.
+
+    * GELU overwrites fc1's output in place: one ``[B, N, 4D]`` buffer fewer per block in eager mode (compiled
+      graphs fuse it either way).
+    * With ``num_queries`` (the last block of a model whose head reads only the prefix tokens) the block
+      computes queries, projection and MLP for the first ``num_queries`` tokens only; every token is still a
+      key and a value. Output ``[B, num_queries, D]``.
+    """
+
+    def __init__(self, block: Block, num_queries: int | None = None) -> None:
+        super().__init__()
+        for name in ("norm1", "attn", "drop_path1", "norm2", "mlp", "drop_path2"):
+            setattr(self, name, getattr(block, name))
+        self.num_queries = num_queries
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.num_queries is None:
+            x = x + self.drop_path1(self.attn(self.norm1(x)))
+        else:
+            x = x[:, : self.num_queries] + self.drop_path1(
+                _leading_queries(self.attn, self.norm1(x), self.num_queries)
+            )
+        mlp = self.mlp
+        h = mlp.fc1(self.norm2(x))
+        if type(mlp.act) is nn.GELU and not (torch.is_grad_enabled() and h.requires_grad):
+            h = torch.ops.aten.gelu_(h, approximate=mlp.act.approximate)
+        else:
+            h = mlp.act(h)
+        return x + self.drop_path2(mlp.drop2(mlp.fc2(mlp.drop1(h))))
+
+    def extra_repr(self) -> str:
+        return f"num_queries={self.num_queries}"
+
+
+def _leading_queries(attn: Attention, x: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """``attn`` for the first ``num_queries`` tokens as queries: the q rows of the fused projection for those
+    tokens, the k and v rows for all."""
+    b, n, c = x.shape
+    w, bias = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(x[:, :num_queries], w[:c], None if bias is None else bias[:c])
+    q = q.reshape(b, num_queries, attn.num_heads, attn.head_dim).transpose(1, 2)
+    kv = F.linear(x, w[c:], None if bias is None else bias[c:])
+    k, v = kv.reshape(b, n, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    out = attn.attend(q, k, v).transpose(1, 2).reshape(b, num_queries, c)
+    return attn.proj_drop(attn.proj(out))
+
+
+def _use_inference_blocks(model: nn.Module) -> None:
+    """Give every DeiT inside ``model`` :class:`InferenceBlock` s; the last one computes only the prefix tokens
+    when the head reads nothing else (a pooled head on the class/distillation tokens)."""
+    for deit in [m for m in model.modules() if isinstance(m, DeiT)]:
+        prefix_only = deit.head_input == "pooled" and deit.global_pool == "token"
+        last = len(deit.blocks) - 1
+        for i, block in enumerate(deit.blocks):
+            if type(block) is Block:
+                queries = deit.num_prefix_tokens if prefix_only and i == last else None
+                deit.blocks[i] = InferenceBlock(block, queries)
 
 
 def _compile(model: nn.Module, device: torch.device) -> Any:
@@ -213,11 +324,11 @@ def _compile_settings(device: torch.device) -> contextlib.ExitStack:
     """Compiler settings for the compiles that happen inside this call only.
 
     * Weight freezing folds the constant weights into the graph, which on CPU lets inductor pre-pack them for
-      oneDNN and fuse bias, GELU and the residual add into the matmuls (profiled: without it the compiled
-      bf16 model still spends about 15% of its time broadcasting biases into ``addmm`` outputs). It applies
+      oneDNN and fuse bias, GELU and the residual add into the matmuls (without it the compiled bf16 model
+      spends a sizeable share of its time broadcasting biases into ``addmm`` outputs). It applies
       only with grad disabled, which the wrapper guarantees.
-    * On CPU, the C++ wrapper calls the kernels from generated C++ instead of Python: measured 3-8% lower
-      batch-1 latency for deit_tiny/deit_small (no change at batch 32), for a few more seconds of compiling.
+    * On CPU, the C++ wrapper calls the kernels from generated C++ instead of Python: lower batch-1 latency
+      for the small variants (no change at large batches), for a few more seconds of compiling.
     * Dynamo's recompile limit is raised to ``_RECOMPILE_LIMIT`` entries, and hitting it raises instead of
       quietly running eagerly, so the wrapper can fall back with a warning.
 
@@ -225,13 +336,14 @@ def _compile_settings(device: torch.device) -> contextlib.ExitStack:
     ``torch.compile(options=...)`` (which does not reach freezing) or a global setting (which would change
     the user's other compiles).
     """
-    from torch._dynamo import config as dynamo_config
-    from torch._inductor import config as inductor_config
-
     stack = contextlib.ExitStack()
-    stack.enter_context(inductor_config.patch(freezing=True, cpp_wrapper=device.type == "cpu"))
-    limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
-    stack.enter_context(dynamo_config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True))
+    inductor_config = _compiler_internals().inductor_config
+    if inductor_config is not None:
+        stack.enter_context(inductor_config.patch(freezing=True, cpp_wrapper=device.type == "cpu"))
+    config = getattr(torch.compiler, "config", None)  # public since torch 2.6
+    if config is not None and hasattr(config, "recompile_limit"):
+        limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
+        stack.enter_context(config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True))
     return stack
 
 
@@ -271,9 +383,7 @@ def optimize_for_inference(
     for p in converted.parameters():
         p.requires_grad_(False)
     _choose_attention(converted, device, dtype)
-    # The last block for the head's tokens only (DeiT.forward checks the head reads nothing else); the hooks
-    # this would change do not matter for an inference-only copy.
-    _set_switch(converted, "head_tokens_only", True)
+    _use_inference_blocks(converted)
     compiled = None
     if compile is None:
         compile = compiler_available(device)

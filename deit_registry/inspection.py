@@ -1,8 +1,9 @@
 """Looking inside a DeiT: per-layer attention probabilities and DINO-style class-token heat maps.
 
 Normal forwards use the fused ``scaled_dot_product_attention`` kernel, which never materialises the
-probabilities. :func:`attention_maps` switches every attention layer to the explicit
-softmax(QK^T / sqrt(d)) path for the duration of a ``with`` block and collects what it computed::
+probabilities. :func:`attention_maps` puts a forward hook (public ``register_forward_hook``) on every attention
+layer for the duration of a ``with`` block; the hook recomputes softmax(QK^T / sqrt(d)) from the layer's input
+and its own qkv weights, so the model's forward itself is unchanged::
 
     import torch
     from deit_registry import create_model
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,46 +29,58 @@ from torch import nn
 from .architecture import Attention
 
 
+def attention_probabilities(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    """softmax(QK^T / sqrt(d)) of ``attn`` for its input ``x`` ``[B, N, D]``: ``[B, heads, N, N]`` (detached)."""
+    with torch.no_grad():
+        b, n, _ = x.shape
+        qk = F.linear(x, attn.qkv.weight, attn.qkv.bias)[..., : 2 * attn.num_heads * attn.head_dim]
+        q, k = qk.reshape(b, n, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
 class AttentionRecorder:
-    """What :func:`attention_maps` yields: the attention layers it watches, in forward order."""
+    """What :func:`attention_maps` yields: the attention layers it watches, in forward order, and what they
+    computed in the last forward pass."""
 
     def __init__(self, layers: list[Attention]) -> None:
         self.layers = layers
+        self._maps: list[torch.Tensor | None] = [None] * len(layers)
+
+    def _hook(self, index: int):
+        def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            self._maps[index] = attention_probabilities(self.layers[index], args[0])
+
+        return record
 
     @property
     def maps(self) -> list[torch.Tensor]:
-        """Attention probabilities of the last forward pass, one ``[B, heads, N, N]`` tensor per layer (the last
-        layer's is ``[B, heads, prefix, N]`` after ``model(x)`` with ``DeiT.head_tokens_only``: only the prefix
-        tokens attended)."""
-        maps = [layer.last_attention for layer in self.layers]
-        if any(m is None for m in maps):
+        """Attention probabilities of the last forward pass, one ``[B, heads, N, N]`` tensor per layer."""
+        if any(m is None for m in self._maps):
             raise RuntimeError(
                 "no attention recorded yet: run a forward pass inside the `with attention_maps(model)`"
             )
-        return maps  # type: ignore[return-value]
+        return list(self._maps)  # type: ignore[arg-type]
 
 
 @contextmanager
 def attention_maps(model: nn.Module) -> Iterator[AttentionRecorder]:
     """Record every attention layer's probabilities during the ``with`` block.
 
-    Inside, attention runs the explicit softmax path (slower, same result up to float rounding); on exit each
-    layer gets its previous setting back (the fused kernel) and the recorded tensors are released. The maps
-    are detached: they do not keep the autograd graph alive.
+    The model computes what it always does; a forward hook per layer recomputes the probabilities from the
+    layer's input (one extra q/k projection per layer, detached: the maps do not keep the autograd graph
+    alive). On exit the hooks are removed and the recorded tensors released.
     """
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no deit_registry attention layers to record")
-    previous = [layer.record_attention for layer in layers]
-    for layer in layers:
-        layer.record_attention = True
-        layer.last_attention = None
+    recorder = AttentionRecorder(layers)
+    handles = [layer.register_forward_hook(recorder._hook(i)) for i, layer in enumerate(layers)]
     try:
-        yield AttentionRecorder(layers)
+        yield recorder
     finally:
-        for layer, flag in zip(layers, previous):
-            layer.record_attention = flag
-            layer.last_attention = None
+        for handle in handles:
+            handle.remove()
+        recorder._maps = [None] * len(layers)
 
 
 def attention_to_heatmaps(

@@ -26,10 +26,9 @@ from importlib import metadata
 from typing import Any
 
 from .errors import ModelImportError, UnknownModelError
-from .variants import VARIANTS, Variant
+from .variants import PRETRAINED_TAG, VARIANTS, Variant, get_variant
 
 ENTRY_POINT_GROUP = "timm.models"
-PRETRAINED_TAG = "fb_in1k"
 
 ModelFn = Callable[..., Any]
 _registered: dict[str, ModelFn] = {}
@@ -153,18 +152,16 @@ def _unknown(name: str) -> UnknownModelError:
 
 def model_entrypoint(name: str) -> ModelFn:
     """The constructor of ``name``, importing its module if it comes from an entry point."""
-    base, tag = split_tag(name)
-    if base in VARIANTS and tag not in (None, PRETRAINED_TAG):
-        raise UnknownModelError(name, [f"{base}.{PRETRAINED_TAG}"], len(_all_names()))
+    base, _ = split_tag(name)
     if base in _registered:
         return _registered[base]
+    if base in VARIANTS:  # ours directly: the same functions our entry points publish, installed or not
+        from .deit import CONSTRUCTORS
+
+        return CONSTRUCTORS[get_variant(name).name]
     eps = _entry_points()
     if base in eps:
         return _load_entry_point(eps[base])
-    if base in VARIANTS:  # running from a source checkout where the entry points are not installed
-        from .deit import CONSTRUCTORS
-
-        return CONSTRUCTORS[base]
     raise _unknown(name)
 
 
@@ -172,8 +169,10 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> Any:
     """Build the model ``name`` (``"deit_small_patch16_224"`` or ``"deit_small_patch16_224.fb_in1k"``).
 
     ``kwargs`` go to the constructor: ``num_classes``, ``head``, ``img_size``, ``in_chans``, ``drop_rate``,
-    ``drop_path_rate``, ``global_pool``, ``dynamic_img_size``, and with ``pretrained=True`` ``weights=`` for a
-    different checkpoint source.
+    ``drop_path_rate``, ``global_pool``, ``dynamic_img_size``, ``device``, ``dtype``, and with ``pretrained=True``
+    ``weights=`` for a different checkpoint source (see :mod:`deit_registry.deit`). timm's factory options
+    (``features_only``, ``pretrained_cfg``, ...) raise ``ValueError``: ``timm.create_model`` takes them and
+    builds the same models once ``deit_registry`` is imported.
     """
     return model_entrypoint(name)(pretrained=pretrained, **kwargs)
 
@@ -182,7 +181,7 @@ def get_pretrained_cfg(name: str) -> Variant | Any:
     """The metadata record of ``name``: a :class:`~deit_registry.variants.Variant` for the DeiT variants."""
     base, _ = split_tag(name)
     if base in VARIANTS:
-        return VARIANTS[base]
+        return get_variant(name)
     if base in _registered_cfgs:
         return _registered_cfgs[base]
     if not is_model(base):

@@ -1,39 +1,48 @@
-"""Register this package's models with timm the moment timm is imported, without importing timm ourselves.
+"""Register this package's models with timm as soon as timm's model registry exists, in any import order.
 
-``import deit_registry`` calls :func:`install`: if timm is already imported the eight DeiT models replace timm's
-own right away; otherwise a one-shot ``sys.meta_path`` finder wraps timm's loader, lets timm finish importing,
-registers, and removes itself. Either import order gives the same registry::
+``import deit_registry`` calls :func:`install`. If ``timm.models`` is already imported, our eight models
+replace timm's own right away. Otherwise a ``sys.meta_path`` finder waits for ``timm.models`` to be executed:
+it wraps the loader the other finders return, registers once the module has run, and only then removes itself.
+Looking timm up without importing it (``importlib.util.find_spec("timm")``, as transformers does on import;
+``pkgutil``) leaves it waiting. Every order gives the same registry::
 
-    import deit_registry, timm          # or: import timm, deit_registry
+    import deit_registry, transformers, timm     # or: import timm, deit_registry
     timm.create_model("deit_small_patch16_224")   # deit_registry.DeiT
 
-This module imports only the standard library (``import deit_registry`` must stay quick).
+A failure to register never passes silently: it is a ``RuntimeWarning`` naming the fix,
+``deit_registry.register_with_timm()``. This module imports only the standard library.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import warnings
 from types import ModuleType
 from typing import Any
 
+TARGET = "timm.models"  # the registry and the public register_model live here; timm's __init__ imports it
+FIX = "call deit_registry.register_with_timm() once timm is imported"
 
-def _register() -> None:
+
+def _register() -> bool:
     try:
         from .timm_adapter import register_with_timm
 
         register_with_timm()
-    except Exception as exc:  # never break the user's `import timm` because of us
+    except Exception as exc:  # never break the user's `import timm` because of us, but say so
         warnings.warn(
-            f"deit_registry could not register its models with timm ({exc!r}); timm's own deit_* models stay "
-            "in place. Call deit_registry.timm_adapter.register_with_timm() to see the full error",
+            f"deit_registry could not register its models with timm ({exc!r}): timm.create_model('deit_*') "
+            f"builds timm's own classes. To see the full error, {FIX}",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
+        return False
+    return True
 
 
 class _RegisteringLoader:
-    """Wraps timm's own loader: runs it, hands the module back its real loader, then registers."""
+    """Wraps timm.models' own loader: runs it, hands the module back its real loader, then registers."""
 
     def __init__(self, loader: Any) -> None:
         self._loader = loader
@@ -52,30 +61,38 @@ class _RegisteringLoader:
             module.__loader__ = self._loader
             if getattr(module, "__spec__", None) is not None:
                 module.__spec__.loader = self._loader
+        uninstall_hook()  # only now: timm.models has really been executed
         _register()
 
 
 class TimmImportHook:
-    """One-shot meta-path finder for the top-level ``timm`` package; removes itself on first use."""
+    """Meta-path finder for ``timm.models``; stays on ``sys.meta_path`` until that module has been executed."""
+
+    _busy = threading.local()  # a finder below us may look timm up again: do not recurse
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname != "timm":
+        if fullname != TARGET or getattr(self._busy, "active", False):
             return None
-        uninstall_hook()
-        for finder in sys.meta_path:
-            find_spec = getattr(finder, "find_spec", None)
-            spec = find_spec(fullname, path, target) if find_spec is not None else None
-            if spec is not None:
-                break
-        else:
+        self._busy.active = True
+        try:
+            spec = None
+            for finder in list(sys.meta_path):
+                find_spec = getattr(finder, "find_spec", None)
+                if isinstance(finder, TimmImportHook) or find_spec is None:
+                    continue
+                spec = find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+        finally:
+            self._busy.active = False
+        if spec is None or spec.loader is None:
             return None
-        if spec.loader is not None:
-            spec.loader = _RegisteringLoader(spec.loader)
+        spec.loader = _RegisteringLoader(spec.loader)
         return spec
 
 
 def hook_installed() -> bool:
-    """Whether the finder is waiting for ``import timm``."""
+    """Whether the finder is waiting for ``timm.models`` to be imported."""
     return any(isinstance(f, TimmImportHook) for f in sys.meta_path)
 
 
@@ -84,11 +101,21 @@ def uninstall_hook() -> None:
 
 
 def install() -> None:
-    """Register now if timm is imported, else wait for it (idempotent; called by ``import deit_registry``)."""
-    timm = sys.modules.get("timm")
-    if timm is not None:
-        if hasattr(timm, "create_model"):  # fully imported (not mid-import of timm itself)
-            _register()
-        return
-    if not hook_installed():
-        sys.meta_path.insert(0, TimmImportHook())
+    """Register now if ``timm.models`` is imported, else wait for it (idempotent; run by ``import deit_registry``).
+
+    ``timm.models`` found half-executed (``deit_registry`` imported from inside timm's own import) cannot be
+    waited for: that warns with the fix.
+    """
+    models = sys.modules.get(TARGET)
+    if models is None:
+        if not hook_installed():
+            sys.meta_path.insert(0, TimmImportHook())
+    elif hasattr(models, "register_model"):  # the last thing timm.models imports: fully executed
+        _register()
+    else:
+        warnings.warn(
+            "deit_registry was imported while timm.models was still being imported, so it cannot register its "
+            f"models yet: timm.create_model('deit_*') builds timm's own classes until you {FIX}",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -35,7 +35,14 @@ _PIL_FILTERS = {"bicubic": 3, "bilinear": 2, "nearest": 0, "lanczos": 1}  # PIL.
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open ``path`` as an RGB PIL image, raising :class:`ImageReadError` with the reason if it cannot."""
+    """Open ``path`` as an RGB PIL image, raising :class:`ImageReadError` with the reason if it cannot.
+
+    16-bit greyscale images (PNG/TIFF modes ``I;16``, ``I;16B``, ``I``) are scaled to 8 bits by
+    :func:`to_rgb`. An image over Pillow's pixel limit (``PIL.Image.MAX_IMAGE_PIXELS``, its
+    decompression-bomb guard) is refused, the warning case included, before it is decoded.
+    """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.exists(path):
@@ -43,13 +50,37 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     if os.path.isdir(path):
         raise ImageReadError(f"{os.fspath(path)} is a directory; give an image file (JPEG, PNG, ...)")
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageReadError(
+            f"refused {os.fspath(path)}: {exc} Downscale the image, or if you trust it raise "
+            "PIL.Image.MAX_IMAGE_PIXELS in Python"
+        ) from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(
             f"cannot read {os.fspath(path)} as an image ({type(exc).__name__}: {exc}); give a JPEG, PNG or "
             "other format Pillow can open"
         ) from exc
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB. Pillow's own ``convert("RGB")`` clips 16-bit greyscale to white; here ``I;16*``
+    images are divided by 257 (65535 -> 255: the full 16-bit range maps onto the 8-bit one, so brightness
+    is kept), and 32-bit ``I`` images likewise when any value exceeds 255 (else they already are 8-bit
+    values). Values outside 0..255 after scaling are clipped."""
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode == "I":
+        wide = img.convert("I")
+        _, high = wide.getextrema()
+        if img.mode != "I" or high > 255:
+            wide = wide.point(lambda v: v * (1 / 257))
+        return wide.convert("L").convert("RGB")
+    return img.convert("RGB")
 
 
 def resize_shorter_side(img: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
@@ -79,7 +110,7 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     import torch
 
     w, h = img.size
-    data = torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8)
+    data = torch.frombuffer(bytearray(to_rgb(img).tobytes()), dtype=torch.uint8)
     return data.view(h, w, 3).permute(2, 0, 1).float().div_(255.0)
 
 
@@ -104,9 +135,7 @@ class EvalTransform:
 
     def crop_image(self, img: Image.Image) -> Image.Image:
         """The geometric part only: the RGB picture the model sees, before normalisation."""
-        return center_crop(
-            resize_shorter_side(img.convert("RGB"), self.resize, self.interpolation), self.crop
-        )
+        return center_crop(resize_shorter_side(to_rgb(img), self.resize, self.interpolation), self.crop)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         import torch

@@ -12,10 +12,13 @@ This module imports nothing heavy (no torch), so listing models stays instant.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from typing import Any
+
+from .errors import UnknownModelError
 
 OFFICIAL_URL_ROOT = "https://dl.fbaipublicfiles.com/deit/"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -92,7 +95,7 @@ class Variant:
     arch: Architecture
     weights: PretrainedWeights
     num_params: int
-    gflops: float  # multiply-accumulates at the native resolution, 1000 classes (the paper's "FLOPs")
+    gmacs: float  # billions of multiply-accumulates at the native resolution, 1000 classes (the paper's "FLOPs")
     paper: str = field(default=PAPER)
 
     def model_kwargs(self) -> dict[str, Any]:
@@ -127,7 +130,7 @@ def _variant(
     distilled: bool,
     sha8: str,
     num_params: int,
-    gflops: float,
+    gmacs: float,
     top1: float,
     top5: float,
 ) -> Variant:
@@ -147,7 +150,7 @@ def _variant(
             input_size=(3, res, res),
         ),
         num_params=num_params,
-        gflops=gflops,
+        gmacs=gmacs,
     )
 
 
@@ -164,3 +167,28 @@ VARIANTS: dict[str, Variant] = {
         _variant("base", 384, True, "d0272ac0", 87_630_032, 55.59, 85.2, 97.2),
     )
 }
+
+
+PRETRAINED_TAG = (
+    "fb_in1k"  # timm's tag for the official ImageNet-1k weights: "deit_small_patch16_224.fb_in1k"
+)
+
+
+def get_variant(name: str | Variant) -> Variant:
+    """The :class:`Variant` for a name, a tagged name or a variant (returned as is)::
+
+        get_variant("deit_tiny_patch16_224") is get_variant("deit_tiny_patch16_224.fb_in1k")   # True
+
+    Raises :class:`~deit_registry.errors.UnknownModelError` (listing the close names) for anything else.
+    """
+    if isinstance(name, Variant):
+        return name
+    base, _, tag = str(name).partition(".")
+    variant = VARIANTS.get(base)
+    if variant is not None and tag in ("", PRETRAINED_TAG):
+        return variant
+    if variant is not None:  # a known architecture with a tag we do not publish
+        raise UnknownModelError(str(name), [f"{base}.{PRETRAINED_TAG}"], len(VARIANTS))
+    close = difflib.get_close_matches(base, list(VARIANTS), n=5, cutoff=0.5)
+    close = close or [n for n in VARIANTS if base and base in n][:5]
+    raise UnknownModelError(str(name), close, len(VARIANTS))

@@ -9,7 +9,12 @@ from torch import nn
 
 import deit_registry as dr
 from deit_registry import DeiT, resample_pos_embed
-from deit_registry.inspection import attention_maps, attention_to_heatmaps, class_token_heatmaps
+from deit_registry.inspection import (
+    attention_maps,
+    attention_probabilities,
+    attention_to_heatmaps,
+    class_token_heatmaps,
+)
 from deit_registry.pyramid import FeaturePyramid, default_pyramid_indices
 
 DEPTH = 4
@@ -231,19 +236,38 @@ def test_attention_maps_equal_hand_softmax(model, x):
     with attention_maps(model) as rec:
         recorded = model(x)
         maps = rec.maps
-    torch.testing.assert_close(recorded, fused, atol=1e-5, rtol=1e-5)  # same result, explicit path
+    assert torch.equal(recorded, fused)  # recording leaves the forward as it is
     n = model.num_prefix_tokens + 16
     assert [m.shape for m in maps] == [(2, 2, n, n)] * DEPTH
     inputs = [model._embed(x), *manual_tokens(model, x)[:-1]]
     for blk, tokens, m in zip(model.blocks, inputs, maps, strict=True):
         torch.testing.assert_close(m, hand_attention(blk, tokens))
         torch.testing.assert_close(m.sum(-1), torch.ones(2, 2, n))
-    # back to the fused kernel, nothing kept
-    assert all(not b.attn.record_attention and b.attn.last_attention is None for b in model.blocks)
-    model(x)  # the fused path stores nothing
-    assert all(b.attn.last_attention is None for b in model.blocks)
+    # the hooks are gone and the maps released: a later forward records nothing
+    assert rec.layers == [b.attn for b in model.blocks]
+    model(x)
+    with pytest.raises(RuntimeError, match="forward pass"):
+        _ = rec.maps
     with attention_maps(model) as rec, pytest.raises(RuntimeError, match="forward pass"):
         _ = rec.maps
+
+
+def test_attention_maps_are_detached(model, x):
+    """With autograd on, the maps keep no graph alive and the model's gradients are those without recording."""
+    model(x).sum().backward()
+    expected = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    with attention_maps(model) as rec:
+        model(x).sum().backward()
+        maps = rec.maps
+    for k, p in model.named_parameters():
+        assert torch.equal(p.grad, expected[k]), k
+    model.zero_grad()
+    assert not any(m.requires_grad or m.grad_fn is not None for m in maps)
+    with torch.no_grad():
+        inputs = [model._embed(x), *manual_tokens(model, x)[:-1]]
+    for blk, tokens, m in zip(model.blocks, inputs, maps, strict=True):
+        torch.testing.assert_close(m, attention_probabilities(blk.attn, blk.norm1(tokens)))
 
 
 @torch.no_grad()
@@ -262,17 +286,9 @@ def test_class_token_heatmaps(model, x):
         torch.testing.assert_close(dist_heat[..., ::8, ::8], last[:, :, 1, npt:].reshape(2, 2, 4, 4))
     with pytest.raises(ValueError, match="prefix token"):
         attention_to_heatmaps(last, (4, 4), npt, 8, token_index=npt)
-    # With head_tokens_only the last layer records the prefix tokens' rows only; the heat maps are the same.
-    model.head_tokens_only = True
-    try:
-        with attention_maps(model) as rec:
-            model(x)
-            prefix_rows = rec.maps[-1]
-    finally:
-        model.head_tokens_only = False
-    assert prefix_rows.shape == (2, 2, npt, npt + 16)
-    torch.testing.assert_close(prefix_rows, last[:, :, :npt], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(attention_to_heatmaps(prefix_rows, (4, 4), npt, 8), heat, atol=1e-6, rtol=1e-5)
+    # Attention rows of the prefix tokens alone (what a prefix-only last block would compute) give the same maps.
+    prefix_rows = last[:, :, :npt]
+    torch.testing.assert_close(attention_to_heatmaps(prefix_rows, (4, 4), npt, 8), heat)
 
 
 def test_heatmaps_crop_padding():

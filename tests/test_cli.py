@@ -133,21 +133,21 @@ def test_list_table_json_cached_column_and_no_torch(env: dict[str, str], workdir
         assert cells == [
             name,
             f"{v.num_params / 1e6:.1f}M",
-            f"{v.gflops:.2f}",
+            f"{v.gmacs:.2f}",
             "224x224" if v.arch.img_size == 224 else "384x384",
             f"{v.weights.top1:.1f}",
             f"{v.weights.top5:.1f}",
             "yes" if name == TINY else "no",
         ]
-    assert text.splitlines()[0].split() == ["model", "params", "GFLOPs", "input", "top-1", "top-5", "cached"]
+    assert text.splitlines()[0].split() == ["model", "params", "GMACs", "input", "top-1", "top-5", "cached"]
 
     records = json.loads(run(env, "list", "--json").stdout)
     assert [r["name"] for r in records] == list(VARIANTS)
     for r in records:
         v = VARIANTS[r["name"]]
-        assert (r["params"], r["gflops"], r["top1"], r["top5"]) == (
+        assert (r["params"], r["gmacs"], r["top1"], r["top5"]) == (
             v.num_params,
-            v.gflops,
+            v.gmacs,
             v.weights.top1,
             v.weights.top5,
         )

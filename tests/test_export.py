@@ -1,5 +1,6 @@
-"""Compile and export: torch.compile (dynamic batch), torch.export with a dynamic batch dimension,
-torch.jit.script, and ONNX run in onnxruntime, each equal to eager for plain and distilled models."""
+"""Compile, trace and export: torch.compile (dynamic batch), torch.export with a dynamic batch and with dynamic
+height and width, torchvision's fx feature extraction, torch.jit.script, and ONNX run in onnxruntime, each
+equal to eager for plain and distilled models."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def images(batch: int) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
 
 
+@pytest.mark.slow  # compiles with inductor: about a minute on 2 CPU cores
 def test_torch_compile_dynamic_batch_without_recompiling():
     model = tiny(distilled=True)
     compiled = torch.compile(model, dynamic=True)
@@ -46,6 +48,41 @@ def test_torch_export_dynamic_batch(distilled):
 
 
 @pytest.mark.parametrize("distilled", [False, True], ids=["plain", "distilled"])
+def test_torch_export_dynamic_height_and_width(distilled):
+    """One exported program for every size (multiples of the patch): the position embedding is resampled
+    inside the graph, not specialised to the example's grid."""
+    from torch.export import Dim, export
+
+    model = tiny(distilled, dynamic_img_size=True)
+    h, w = Dim("h", min=1, max=32), Dim("w", min=1, max=32)
+    shapes = {"x": {0: Dim("batch", min=1, max=64), 2: 8 * h, 3: 8 * w}}
+    example = torch.randn(2, 3, 48, 40)
+    program = export(model, (example,), dynamic_shapes=shapes)
+    exported = program.module()
+    with torch.no_grad():
+        for size in ((32, 32), (16, 72), (48, 40)):  # the built size (no resampling in eager), a wide one
+            x = torch.randn(3, 3, *size)
+            torch.testing.assert_close(exported(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["fixed", "dynamic-size"])
+def test_torchvision_feature_extractor_without_tracer_options(dynamic):
+    """torchvision's fx feature extraction as with timm's own ViT: no leaf modules, no concrete arguments."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = tiny(True, dynamic_img_size=dynamic)
+    extractor = create_feature_extractor(model, return_nodes={"blocks.1": "last", "head": "logits"})
+    x = images(2) if not dynamic else torch.randn(2, 3, 48, 24)
+    with torch.no_grad():
+        out = extractor(x)
+        expected = model.forward_intermediates(x, indices=[1], output_fmt="NLC", intermediates_only=True)
+        torch.testing.assert_close(out["last"][:, model.num_prefix_tokens :], expected[0])
+        torch.testing.assert_close(out["logits"], model.head(model.forward_features(x)[:, 0]))
+    with pytest.raises(ValueError, match="float image tensor"):  # eager checks are skipped in the graph only
+        model(images(2).to(torch.uint8))
+
+
+@pytest.mark.parametrize("distilled", [False, True], ids=["plain", "distilled"])
 def test_torch_jit_script(distilled):
     model = tiny(distilled, dynamic_img_size=True)
     with warnings.catch_warnings():
@@ -56,8 +93,6 @@ def test_torch_jit_script(distilled):
         other = torch.randn(1, 3, 48, 64)
         torch.testing.assert_close(scripted(other), model(other))
         torch.testing.assert_close(scripted.forward_features(images(1)), model.forward_features(images(1)))
-        scripted.head_tokens_only = True  # the last block for the head's tokens only: scriptable as well
-        torch.testing.assert_close(scripted(images(2)), model(images(2)))
 
 
 @pytest.mark.parametrize("dynamic_batch", [False, True], ids=["fixed", "dynamic"])

@@ -57,6 +57,51 @@ def test_unknown_name_suggests_close_names() -> None:
         dr.get_pretrained_cfg("base_patch16_384")
 
 
+def test_get_variant_is_the_one_resolver() -> None:
+    v = VARIANTS["deit_small_patch16_224"]
+    assert dr.get_variant(v) is v
+    assert dr.get_variant("deit_small_patch16_224") is dr.get_variant("deit_small_patch16_224.fb_in1k") is v
+    with pytest.raises(dr.UnknownModelError, match="deit_small_patch16_224.fb_in1k"):
+        dr.get_variant("deit_small_patch16_224.in22k")
+    with pytest.raises(dr.UnknownModelError) as info:
+        dr.get_variant("deit_smal_patch16_224")
+    assert info.value.suggestions[0] == "deit_small_patch16_224"
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"features_only": True},
+        {"pretrained_cfg": {}},
+        {"pretrained_cfg_overlay": {"file": "x.pth"}},
+        {"cache_dir": "/tmp"},
+        {"out_indices": (1,)},
+    ],
+)
+def test_timm_factory_options_point_to_timm_create_model(option: dict) -> None:
+    with pytest.raises(ValueError, match=r"timm\.create_model\('deit_tiny_patch16_224'"):
+        dr.create_model("deit_tiny_patch16_224", **option)
+
+
+def test_constructor_options_are_checked_before_anything_is_read(tmp_path: Path) -> None:
+    missing = tmp_path / "nothing-here.pth"  # never opened: the bad option is refused first
+    with pytest.raises(TypeError, match="not_an_option"):
+        dr.create_model("deit_tiny_patch16_224", pretrained=True, weights=missing, not_an_option=1)
+    with pytest.raises(ValueError, match="reg_tokens"):
+        dr.create_model("deit_tiny_patch16_224", pretrained=True, weights=missing, reg_tokens=4)
+    with pytest.raises(ValueError, match="pretrained=True"):
+        dr.create_model("deit_tiny_patch16_224", weights=missing)
+
+
+def test_device_and_dtype() -> None:
+    import torch
+
+    m = dr.create_model("deit_tiny_patch16_224", depth=1, device="meta", dtype=torch.bfloat16)
+    assert {p.device.type for p in m.parameters()} == {"meta"} and {p.dtype for p in m.parameters()} == {
+        torch.bfloat16
+    }
+
+
 def test_register_model_decorator() -> None:
     @dr.register_model(pretrained_cfg={"url": "file:///weights.pth"})
     def my_toy_deit(pretrained: bool = False, **kwargs):

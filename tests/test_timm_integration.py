@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,8 +19,8 @@ import torch
 from weights_server import Route, WeightsServer
 
 import deit_registry
-from deit_registry import DeiT
-from deit_registry.timm_adapter import UnknownTimmModelError, is_registered
+from deit_registry import DeiT, timm_adapter
+from deit_registry.timm_adapter import is_registered
 from deit_registry.variants import VARIANTS
 
 NAMES = sorted(VARIANTS)
@@ -52,54 +54,36 @@ def test_import_deit_registry_alone_imports_neither_timm_nor_torchvision() -> No
     assert out == []
 
 
-_ORDER_CHECK = """
-import json, sys, warnings
-warnings.simplefilter("always")
-with warnings.catch_warnings(record=True) as caught:
-    {imports}
-    import torch
-    from deit_registry import DeiT
-    from deit_registry.timm_hook import TimmImportHook
-    names = sorted(deit_registry.VARIANTS)
-    with torch.device("meta"):  # structure only: no weight initialisation
-        models = {{n: timm.create_model(n) for n in ["deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"]}}
-        tagged = timm.create_model("deit_small_patch16_224.fb_in1k")
-        deit3 = timm.create_model("deit3_small_patch16_224")
-print(json.dumps(dict(
-    classes=[type(m).__name__ for m in models.values()] + [type(tagged).__name__],
-    ours=all(isinstance(m, DeiT) for m in [*models.values(), tagged]),
-    deit3=type(deit3).__module__,
-    listed=timm.list_models("deit*"),
-    pretrained=timm.list_models("deit_*", pretrained=True),
-    entry_modules=sorted({{timm.models.model_entrypoint(n).__module__ for n in names}}),
-    in_module_deit=sorted(set(names) - set(timm.list_models(module="deit"))),
-    hook_left=any(isinstance(f, TimmImportHook) for f in sys.meta_path),
-    loader=type(timm.__spec__.loader).__name__,
-    warnings=[str(w.message) for w in caught if "registry" in str(w.message) or "deit" in str(w.message)],
-    cfg=models["deit_tiny_patch16_224"].pretrained_cfg,
-)))
-"""
+def test_registered_through_timms_public_registry() -> None:
+    """Our entries (timm_adapter's) and our cfgs, once each, next to timm's deit3_*; listed by module."""
+    names = timm.list_models("deit*")
+    assert (
+        len(names) == len(set(names))
+        and set(NAMES) <= set(names)
+        and any(n.startswith("deit3_") for n in names)
+    )
+    assert {timm.models.model_entrypoint(n).__module__ for n in NAMES} == {"deit_registry.timm_adapter"}
+    assert sorted(timm.list_models(module="timm_adapter")) == NAMES
+    assert timm.list_models("deit_*", pretrained=True) == sorted(f"{n}.fb_in1k" for n in NAMES)
+    assert timm_adapter.default_cfgs[TINY].tags[0] == "fb_in1k"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # registering again is silent (and a no-op)
+        assert deit_registry.register_with_timm() == list(timm_adapter.ENTRIES)
+        assert timm_adapter.is_registered()
 
 
-@pytest.mark.parametrize(
-    "imports",
-    ["import deit_registry; import timm", "import timm; import deit_registry"],
-    ids=["ours_first", "timm_first"],
-)
-def test_both_import_orders_replace_timms_eight_cleanly(imports: str) -> None:
-    out = _run(_ORDER_CHECK.format(imports=imports))
-    assert out["ours"], out["classes"]
-    assert out["entry_modules"] == ["deit_registry.deit"]
-    assert out["in_module_deit"] == []  # __module__-based selection (list_models(module="deit")) keeps them
-    assert out["deit3"] == "timm.models.vision_transformer"  # timm's deit3_* untouched
-    assert len(out["listed"]) == len(set(out["listed"]))
-    assert set(NAMES) <= set(out["listed"]) and any(n.startswith("deit3_") for n in out["listed"])
-    assert out["pretrained"] == sorted(f"{n}.fb_in1k" for n in NAMES)
-    assert out["warnings"] == []  # no "Overwriting ... in registry"
-    assert not out["hook_left"] and out["loader"] == "SourceFileLoader"
-    cfg, weights = out["cfg"], VARIANTS[TINY].weights
-    assert cfg["url"] == weights.url and cfg["hf_hub_id"] == weights.hf_hub_id
-    assert cfg["crop_pct"] == 0.875 and cfg["interpolation"] == "bicubic" and cfg["tag"] == "fb_in1k"
+def test_reregistering_over_timms_own_entries_filters_only_our_overwrite_warning() -> None:
+    import importlib
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        importlib.reload(timm.models.deit)  # timm's own deit_* entries are back
+    assert not is_registered() and type(timm.create_model(TINY, device="meta")).__name__ != "DeiT"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # timm's "Overwriting ... in registry" for our names must not escape
+        deit_registry.register_with_timm()
+    assert is_registered() and isinstance(timm.create_model(TINY, device="meta"), DeiT)
+    assert timm.models.get_pretrained_cfg(TINY).crop_pct == 0.875
 
 
 def test_registered_in_this_process() -> None:
@@ -185,22 +169,17 @@ def _same(model: torch.nn.Module, state: dict[str, torch.Tensor], skip: tuple[st
     return all(torch.equal(got[k], v) for k, v in state.items() if not k.startswith(skip))
 
 
-def test_pretrained_from_url_overlay_into_cache_dir(
-    tiny_checkpoint, server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_pretrained_from_url_overlay_into_cache_dir(tiny_checkpoint, server, tmp_path: Path) -> None:
     path, state = tiny_checkpoint
-    hub_setting = torch.hub._hub_dir
+    hub_dir, hf_cache = torch.hub.get_dir(), os.environ.get("HF_HUB_CACHE")
     url = server.add(f"/mirror/{path.name}", Route(path.read_bytes()))
     m = timm.create_model(
         f"{TINY}.fb_in1k", pretrained=True, pretrained_cfg_overlay=dict(url=url), cache_dir=tmp_path / "cache"
     )
     assert _same(m, state)
     assert (tmp_path / "cache" / "checkpoints" / path.name).is_file()  # timm's cache_dir is honoured
-    # ... for that call only: torch.hub's setting is restored, so TORCH_HOME still moves the cache afterwards
-    assert torch.hub._hub_dir == hub_setting
-    if hub_setting is None:
-        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "elsewhere"))
-        assert torch.hub.get_dir() == str(tmp_path / "elsewhere" / "hub")
+    # ... for that call only: torch.hub's folder and HF_HUB_CACHE are as they were
+    assert torch.hub.get_dir() == hub_dir and os.environ.get("HF_HUB_CACHE") == hf_cache
     assert m.pretrained_cfg["url"] == url and m.pretrained_cfg["crop_pct"] == 0.875
     # a new head for fine-tuning: the backbone keeps the weights
     m10 = timm.create_model(
@@ -239,25 +218,25 @@ def test_pretrained_cfg_dict_and_checkpoint_path(tiny_checkpoint) -> None:
 
 
 # --------------------------------------------------------------------------------------- mistyped names
-def test_mistyped_name_lists_close_names() -> None:
-    with pytest.raises(RuntimeError) as info:
+def test_mistyped_name_is_timms_own_error() -> None:
+    with pytest.raises(RuntimeError, match="Unknown model") as info:
         timm.create_model("deit_smal_patch16_224")
-    assert isinstance(info.value, UnknownTimmModelError) and isinstance(
-        info.value, deit_registry.UnknownModelError
-    )
-    assert "deit_small_patch16_224" in info.value.suggestions and "Did you mean" in str(info.value)
-    assert "timm.list_models()" in str(info.value)
-    with pytest.raises(RuntimeError, match="resnet50"):
-        timm.create_model("resnet5O")  # the help covers every timm name, not only ours
+    assert not isinstance(info.value, deit_registry.UnknownModelError)  # timm's message stands, unpatched
+    with pytest.raises(deit_registry.UnknownModelError, match="deit_small_patch16_224"):
+        deit_registry.create_model("deit_smal_patch16_224")  # ours keeps its close names
 
 
 # ------------------------------------------------------------------------------------ entry-point plugins
 def test_register_entry_points_installs_a_third_party_model(tmp_path: Path) -> None:
-    """A throw-away distribution publishing ``toy_plugin_net`` in the ``timm.models`` group."""
+    """Throw-away distributions publishing in the ``timm.models`` group: one with a timm-style module
+    ``default_cfgs`` (its cfg is registered), one with only a ``pretrained_cfg`` attribute (not read: timm's
+    public register_model reads module cfgs only), one whose name timm already has (kept as timm's)."""
     (tmp_path / "toy_plugin.py").write_text(
         textwrap.dedent(
             """
             from torch import nn
+
+            default_cfgs = {"toy_plugin_net": dict(url="https://example.invalid/toy.pth", input_size=(3, 32, 32))}
 
             def toy_plugin_net(pretrained=False, num_classes=1000, **kwargs):
                 kwargs = {k: v for k, v in kwargs.items() if v is not None}
@@ -266,34 +245,148 @@ def test_register_entry_points_installs_a_third_party_model(tmp_path: Path) -> N
                 assert not kwargs, kwargs
                 return nn.Linear(4, num_classes)
 
-            toy_plugin_net.pretrained_cfg = dict(url="https://example.invalid/toy.pth", tag="toy_v1",
-                                                 input_size=(3, 32, 32), num_classes=1000)
+            def toy_attr_net(pretrained=False, **kwargs):
+                return nn.Identity()
+
+            toy_attr_net.pretrained_cfg = dict(url="https://example.invalid/attr.pth")
+
+            def resnet18(pretrained=False, **kwargs):
+                return nn.Identity()
             """
         )
     )
     info = tmp_path / "toy_plugin-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[timm.models]\ntoy_plugin_net = toy_plugin:toy_plugin_net\n")
+    (info / "entry_points.txt").write_text(
+        "[timm.models]\ntoy_plugin_net = toy_plugin:toy_plugin_net\ntoy_attr_net = toy_plugin:toy_attr_net\n"
+        "resnet18 = toy_plugin:resnet18\n"
+    )
     out = _run(
         """
         import json, sys, warnings
         warnings.simplefilter("error")
         import timm, deit_registry
         before = timm.list_models("toy_*")
-        installed = deit_registry.register_entry_points()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            installed = deit_registry.register_entry_points()
         m = timm.create_model("toy_plugin_net", num_classes=3)
         print(json.dumps(dict(
             before=before, installed=installed, out=m.out_features,
+            said=[str(w.message) for w in caught],
             pretrained=timm.list_models("toy_*", pretrained=True),
             module=timm.list_models(module="toy_plugin"),
-            crop=m.pretrained_cfg if hasattr(m, "pretrained_cfg") else None,
+            cfg_url=timm.models.get_pretrained_cfg("toy_plugin_net").url,
+            resnet=type(timm.create_model("resnet18", pretrained=False)).__name__,
             ours=type(timm.create_model("deit_tiny_patch16_224", device="meta")).__name__,
         )))
         """,
         cwd=tmp_path,
     )
     assert out["before"] == [] and out["out"] == 3
-    assert "toy_plugin_net" in out["installed"] and set(NAMES) <= set(out["installed"])
-    assert out["pretrained"] == ["toy_plugin_net.toy_v1"] and out["module"] == ["toy_plugin_net"]
+    assert {"toy_plugin_net", "toy_attr_net"} <= set(out["installed"]) and set(NAMES) <= set(out["installed"])
+    assert "resnet18" not in out["installed"] and out["resnet"] == "ResNet"
+    assert len(out["said"]) == 1 and "resnet18" in out["said"][0] and "replace=True" in out["said"][0]
+    assert out["pretrained"] == ["toy_plugin_net"] and out["cfg_url"] == "https://example.invalid/toy.pth"
+    assert out["module"] == ["toy_attr_net", "toy_plugin_net"]
     assert out["ours"] == "DeiT"
+
+
+# ---------------------------------------------------------------------------------- timm's own keywords
+def test_timm_vit_keywords_that_keep_a_deit_work() -> None:
+    import functools
+
+    from torch import nn
+
+    m = timm.create_model(
+        TINY,
+        act_layer="gelu",
+        norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
+        weight_init="",
+        fix_init=False,
+        class_token=True,
+        reg_tokens=0,
+        no_embed_class=False,
+        init_values=None,
+        qk_norm=False,
+        pre_norm=False,
+        fc_norm=False,
+        pos_embed="learn",
+        patch_drop_rate=0.0,
+        qkv_bias=True,
+        proj_bias=True,
+        block_fn=timm.models.vision_transformer.Block,
+        mlp_layer=timm.layers.Mlp,
+        embed_layer=timm.layers.PatchEmbed,
+        depth=2,
+    )
+    assert isinstance(m, DeiT) and m.norm.eps == 1e-6 and len(m.blocks) == 2
+    assert timm.create_model(TINY, norm_layer=nn.LayerNorm, depth=1).norm.eps == 1e-5  # torch's default eps
+    assert timm.create_model(TINY, act_layer=nn.GELU, depth=1).blocks[0].mlp.act.approximate == "none"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("reg_tokens", 4),
+        ("class_token", False),
+        ("init_values", 1e-5),
+        ("qk_norm", True),
+        ("no_embed_class", True),
+        ("patch_drop_rate", 0.5),
+        ("weight_init", "jax"),
+        ("fix_init", True),
+        ("pre_norm", True),
+        ("fc_norm", True),
+        ("pos_embed", "none"),
+        ("proj_bias", False),
+        ("act_layer", "relu"),
+        ("norm_layer", "rmsnorm"),
+        ("block_fn", torch.nn.Identity),
+    ],
+)
+def test_timm_vit_keywords_that_change_the_model_name_the_reason(key: str, value: object) -> None:
+    with pytest.raises(ValueError, match=key):
+        timm.create_model(TINY, **{key: value})
+    with pytest.raises(ValueError, match=key):
+        deit_registry.create_model(TINY, **{key: value})
+
+
+def test_set_fused_attn_is_honoured() -> None:
+    fused = timm.layers.use_fused_attn()
+    try:
+        timm.layers.set_fused_attn(False)
+        m = timm.create_model(TINY, depth=2)
+        assert [b.attn.fused_attn for b in m.blocks] == [False, False]
+        timm.layers.set_fused_attn(True)
+        assert all(b.attn.fused_attn for b in timm.create_model(TINY, depth=2).blocks)
+    finally:
+        timm.layers.set_fused_attn(fused)
+
+
+# --------------------------------------------------------------------------- what the weights layer is asked
+def test_pretrained_sources_passed_to_the_weights_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our own cfg asks for ``source=None`` (the weights layer's default order); an overlay goes through as is."""
+    import deit_registry.weights
+
+    asked = []
+
+    def load_pretrained(variant, options, source=None, **kwargs):
+        asked.append((variant.name, source))
+        return DeiT(**{**variant.model_kwargs(), **options})
+
+    monkeypatch.setattr(deit_registry.weights, "load_pretrained", load_pretrained)
+    with torch.device("meta"):
+        timm.create_model(TINY, pretrained=True)
+        timm.create_model(f"{TINY}.fb_in1k", pretrained=True, features_only=True)
+        timm.create_model(TINY, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id="someone/deit-ft"))
+        timm.create_model(TINY, pretrained=True, pretrained_cfg_overlay=dict(url="http://127.0.0.1:9/x.pth"))
+        deit_registry.create_model(TINY, pretrained=True)
+    assert asked == [
+        (TINY, None),
+        (TINY, None),
+        (TINY, "hf-hub:someone/deit-ft"),
+        (TINY, "http://127.0.0.1:9/x.pth"),
+        (TINY, None),
+    ]

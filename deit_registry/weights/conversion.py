@@ -6,8 +6,11 @@
   checkpoint's heads with a warning; another ``img_size`` (also non-square) resamples the position embedding
   bicubically, keeping the 1 or 2 prefix tokens; ``in_chans`` other than 3 adapts the patch embedding (sum for
   1 channel, repeat and rescale for more); distilled <-> plain only with ``convert_distillation=True``.
+* :func:`check_tensors` - refuse meta, sparse, non-floating and non-finite tensors; :func:`config_norm_eps` -
+  refuse a ``layer_norm_eps`` that is not a number in (0, 1);
 * :func:`validate` - every key and shape against the model's, before a single tensor is copied, so a failed
-  load never leaves a model half-loaded.
+  load never leaves a model half-loaded;
+* :func:`guess_variant` - the one variant guesser (from a state dict's shapes).
 
 ::
 
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 
 from ..architecture import resample_pos_embed
-from ..errors import CheckpointMismatchError, DistillationMismatchError
+from ..errors import CheckpointMismatchError, CorruptCheckpointError, DistillationMismatchError
 
 HEAD_PREFIXES = ("head.", "head_dist.")
 # Keys of transformers models with no counterpart in the official layout (pooler, MIM parts).
@@ -90,32 +93,94 @@ def to_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def config_norm_eps(config: Mapping[str, Any] | None) -> float | None:
-    """The LayerNorm eps a ``config.json`` was saved with (transformers' ``layer_norm_eps``, 1e-12 for DeiT)."""
+def config_norm_eps(config: Mapping[str, Any] | None, where: str | Path = "config.json") -> float | None:
+    """The LayerNorm eps a ``config.json`` was saved with (transformers' ``layer_norm_eps``, 1e-12 for DeiT).
+
+    Raises :class:`CorruptCheckpointError` unless it is a real number with ``0 < eps < 1`` (a string, a bool,
+    NaN, infinity, zero or a negative value would otherwise surface later as a ``TypeError`` or NaN outputs).
+    """
     if not config or "layer_norm_eps" not in config:
         return None
-    return float(config["layer_norm_eps"])
+    value = config["layer_norm_eps"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < float(value) < 1:
+        raise CorruptCheckpointError(
+            f"{where}: layer_norm_eps must be a number between 0 and 1 (1e-6 for the official DeiTs, 1e-12 in "
+            f"transformers' configs); got {value!r}. Fix that value in config.json, or delete the key to use 1e-6"
+        )
+    return float(value)
 
 
-def guess_variant(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """The variant name whose shapes ``state_dict`` (official layout) has, if any."""
+def check_tensors(state_dict: Mapping[str, Any], file: str | Path) -> None:
+    """Refuse tensors no model can use, before anything is converted or copied.
+
+    Refused: non-tensors, meta tensors (no data), sparse or other non-strided layouts, non-floating dtypes
+    (integers, bool, complex, quantized) and NaN or infinite values, naming the first offending keys. Other
+    devices and floating dtypes (fp16, bf16, fp64) are accepted and copied to the model's.
+    """
+    problems: dict[str, list[str]] = {}
+    for key, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            why = f"not a tensor but a {type(t).__name__}"
+        elif t.is_meta:
+            why = "meta tensors (shapes without data: saved from a model on the meta device)"
+        elif t.layout != torch.strided:
+            why = f"{t.layout} tensors: save them with .to_dense()"
+        elif not t.is_floating_point():
+            why = f"{t.dtype} tensors where the model has floating-point weights"
+        elif not _all_finite(t):
+            why = "NaN or infinite values (a diverged training run or a damaged file)"
+        else:
+            continue
+        problems.setdefault(why, []).append(key)
+    if problems:
+        what = "; ".join(f"{why}: {', '.join(keys[:3])}" for why, keys in problems.items())
+        raise CorruptCheckpointError(
+            f"{file} holds weights no model can use ({what}). Nothing was loaded; re-save the checkpoint from a "
+            f"trained model with real, finite, dense floating-point tensors"
+        )
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` has no NaN or infinity. A sum is one fast pass with no temporary tensor and is finite
+    exactly when every value is (unless it overflows): only a non-finite sum pays for the exact check."""
+    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def guess_variant(state_dict: Mapping[str, torch.Tensor], num_heads: int | None = None) -> str | None:
+    """The one variant guesser: the variant whose architecture ``state_dict`` (official layout) has.
+
+    Width (``cls_token``), distillation token, depth and patch size must match (``num_heads`` too, when
+    given); among those the variant with the same position-embedding grid wins, else the 224 one. ``None``
+    when no variant has that width.
+    """
     from ..variants import VARIANTS
 
     cls = state_dict.get("cls_token")
-    pos = state_dict.get("pos_embed")
-    if cls is None or pos is None:
+    if cls is None:
         return None
     distilled = "dist_token" in state_dict
-    patches = pos.shape[1] - (2 if distilled else 1)
-    for v in VARIANTS.values():
-        a = v.arch
-        if (
-            a.embed_dim == cls.shape[-1]
-            and a.distilled == distilled
-            and (a.img_size // a.patch_size) ** 2 == patches
-        ):
-            return v.name
-    return None
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.") and k.count(".") >= 2})
+    proj = state_dict.get("patch_embed.proj.weight")
+    patch = int(proj.shape[-1]) if proj is not None and proj.dim() == 4 else None
+    matches = [
+        v
+        for v in VARIANTS.values()
+        if v.arch.embed_dim == cls.shape[-1]
+        and v.arch.distilled == distilled
+        and (not depth or v.arch.depth == depth)
+        and (patch is None or v.arch.patch_size == patch)
+        and (num_heads is None or v.arch.num_heads == num_heads)
+    ]
+    pos = state_dict.get("pos_embed")
+    if pos is not None and pos.dim() == 3:
+        patches = pos.shape[1] - (2 if distilled else 1)
+        exact = [v for v in matches if (v.arch.img_size // v.arch.patch_size) ** 2 == patches]
+        if exact:
+            return exact[0].name
+    native = [v for v in matches if v.arch.img_size == 224]
+    return (native or matches)[0].name if matches else None
 
 
 def _grid_of(config: Mapping[str, Any] | None, num_patches: int) -> tuple[int, int] | None:

@@ -1,13 +1,15 @@
 """Read a checkpoint file or folder into a flat state dict, detecting the format from the bytes, not the name.
 
-* ``.safetensors`` - memory-mapped, never runs code;
+* ``.safetensors`` - each tensor's bytes are read straight into a tensor the caller owns (no memory map, so
+  rewriting or truncating the file later cannot change or crash a loaded model), never runs code;
 * zip-serialised torch files (``.pth``/``.bin``, the official checkpoints) and legacy pickles - with
-  ``torch.load(weights_only=True)`` (memory-mapped for zip files), which refuses any pickle that would run code;
+  ``torch.load(weights_only=True, mmap=False)``, which refuses any pickle that would run code; a pickle cut
+  short is reported as corrupt, not as unsafe;
 * a folder - its ``model.safetensors`` (preferred) or ``pytorch_model.bin`` / ``*.pth``, plus ``config.json``
   (transformers' or timm's) when present;
 * wrappers - the official files keep the weights under ``model``; training checkpoints of the original
   repository also carry ``optimizer``, ``lr_scheduler``, ``model_ema``, ``args``...: ``model`` is used, or
-  ``model_ema`` with ``ema=True``. A ``module.`` prefix (DistributedDataParallel) is removed.
+  ``model_ema`` with ``ema=True``; timm's ``train.py`` saves ``state_dict`` and ``state_dict_ema``. A ``module.`` prefix (DistributedDataParallel) is removed.
 
 ::
 
@@ -19,6 +21,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import struct
 import zipfile
@@ -30,8 +33,12 @@ import torch
 
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 
-FOLDER_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "pytorch_model.pth")
+# The one list of weight file names, best first (safetensors: no pickle, no code).
+WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin", "model.pth", "pytorch_model.pth")
+FOLDER_WEIGHT_FILES = WEIGHT_FILE_NAMES  # former name, kept for callers
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "module")
+# Where EMA weights live: the original repository's training checkpoints, then timm's train.py.
+EMA_KEYS = ("model_ema", "state_dict_ema")
 
 
 @dataclass
@@ -48,8 +55,9 @@ class Checkpoint:
 
 
 def find_weights_file(folder: Path) -> Path:
-    """The weights file of a checkpoint folder (safetensors first)."""
-    for name in FOLDER_WEIGHT_FILES:
+    """The weights file of a checkpoint folder (:data:`WEIGHT_FILE_NAMES` first)."""
+    _check_readable(folder)
+    for name in WEIGHT_FILE_NAMES:
         if (folder / name).is_file():
             return folder / name
     candidates = (
@@ -66,18 +74,43 @@ def find_weights_file(folder: Path) -> Path:
         )
     found = ", ".join(p.name for p in candidates) or "no weights file"
     raise CheckpointNotFoundError(
-        f"{folder} has {found}; expected one of {', '.join(FOLDER_WEIGHT_FILES)}. Pass the weights file itself"
+        f"{folder} has {found}; expected one of {', '.join(WEIGHT_FILE_NAMES)}. Pass the weights file itself"
     )
 
 
+def _check_readable(path: Path) -> None:
+    """CheckpointNotFoundError naming the permission problem (``is_file``/``glob`` would just see nothing)."""
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        else:
+            with open(path, "rb"):
+                pass
+    except PermissionError as e:
+        raise CheckpointNotFoundError(
+            f"permission denied reading {e.filename or path}: make it readable by this user (e.g. chmod u+r, "
+            f"and u+x for a folder) or copy the checkpoint somewhere readable"
+        ) from e
+    except OSError as e:
+        raise CheckpointNotFoundError(f"cannot read checkpoint {path}: {e}") from e
+
+
 def read_checkpoint(path: str | Path, ema: bool = False) -> Checkpoint:
-    """Read the weights at ``path`` (a file or folder); see the module docstring."""
+    """Read the weights at ``path`` (a file or folder); see the module docstring.
+
+    The returned tensors own their memory: nothing refers to the file once this returns.
+    """
     path = Path(path)
     config = None
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except PermissionError:  # a parent folder without search permission
+        is_dir = False
+    if is_dir:
         folder, file = path, find_weights_file(path)
     else:
         folder, file = path.parent, path
+    _check_readable(file)
     if (folder / "config.json").is_file():
         config = _read_json(folder / "config.json")
     fmt = sniff_format(file)
@@ -91,6 +124,10 @@ def sniff_format(file: Path) -> str:
     try:
         with open(file, "rb") as f:
             head = f.read(16)
+    except PermissionError as e:
+        raise CheckpointNotFoundError(
+            f"permission denied reading {file}: make it readable by this user (chmod u+r) or copy it elsewhere"
+        ) from e
     except OSError as e:
         raise CheckpointNotFoundError(f"cannot read checkpoint {file}: {e}") from e
     if head.startswith(b"PK\x03\x04"):
@@ -110,38 +147,118 @@ def sniff_format(file: Path) -> str:
 def _read_json(file: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
+    except PermissionError as e:
+        raise CheckpointNotFoundError(
+            f"permission denied reading {file}: make it readable (chmod u+r)"
+        ) from e
     except (OSError, ValueError) as e:
         raise CorruptCheckpointError(f"{file} is not valid JSON ({e}); fix or delete it") from e
     return data if isinstance(data, dict) else None
 
 
+# safetensors dtype codes (https://github.com/huggingface/safetensors, "format") -> torch dtypes.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Each tensor's byte range (from the safetensors header) read into a freshly allocated tensor.
+
+    Why not ``safetensors.torch.load_file``: it memory-maps the file, so a loaded model would keep depending on
+    it (rewritten in place: the weights change; truncated: SIGBUS). ``safetensors.torch.load(bytes)`` would
+    need the whole file in memory next to the tensors. Reading each range with ``readinto`` keeps peak memory
+    at about one file size and leaves no reference to the file.
+    """
+
+    def bad(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{file} is a damaged or truncated safetensors file ({why}). Delete it and download it again"
+        )
 
     try:
-        return load_file(str(file))  # memory-mapped; tensors are copied out lazily by the OS
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CorruptCheckpointError(
-            f"{file} is a damaged or truncated safetensors file ({e}). Delete it and download it again"
+        with open(file, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise bad(f"header of {n} bytes in a {size}-byte file")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as e:
+                raise bad(f"header is not JSON: {e}") from e
+            if not isinstance(header, dict):
+                raise bad("header is not a JSON object")
+            base = 8 + n
+            out: dict[str, torch.Tensor] = {}
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                out[name] = _read_range(f, name, info, base, size, bad)
+            return out
+    except PermissionError as e:
+        raise CheckpointNotFoundError(
+            f"permission denied reading {file}: make it readable (chmod u+r)"
         ) from e
+    except OSError as e:
+        raise bad(f"{type(e).__name__}: {e}") from e
+
+
+def _read_range(f: Any, name: str, info: Any, base: int, size: int, bad: Any) -> torch.Tensor:
+    try:
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        shape = [int(d) for d in info["shape"]]
+        start, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise bad(f"entry {name!r} has no valid dtype/shape/data_offsets ({e})") from e
+    if any(d < 0 for d in shape):
+        raise bad(f"entry {name!r} has a negative dimension {shape}")
+    tensor = torch.empty(shape, dtype=dtype, device="cpu")  # explicit: callers may hold a device context
+    nbytes = tensor.numel() * tensor.element_size()
+    if not 0 <= start <= end or end - start != nbytes:
+        raise bad(f"entry {name!r}: {shape} {info['dtype']} needs {nbytes} bytes, offsets say {end - start}")
+    if base + end > size:
+        raise bad(f"entry {name!r} ends at byte {base + end} of a {size}-byte file")
+    if nbytes:
+        f.seek(base + start)
+        view = memoryview(_bytes_of(tensor))
+        got = 0
+        while got < nbytes:  # raw reads may return short
+            k = f.readinto(view[got:])
+            if not k:
+                raise bad(f"entry {name!r} cut short at byte {base + start + got}")
+            got += k
+    return tensor
+
+
+def _bytes_of(tensor: torch.Tensor) -> Any:
+    """A writable buffer over a contiguous CPU tensor's bytes (ctypes: no numpy needed, any dtype)."""
+    import ctypes
+
+    return (ctypes.c_char * (tensor.numel() * tensor.element_size())).from_address(tensor.data_ptr())
 
 
 def _read_torch(file: Path, fmt: str) -> Any:
     import argparse
 
     # The original repository stores its argparse.Namespace under "args": allow that one plain class, nothing
-    # else; weights_only=True refuses every other global, so no code from the file ever runs.
+    # else; weights_only=True refuses every other global, so no code from the file ever runs. mmap=False: the
+    # tensors are read into memory the model owns (a memory map would tie the model to the file).
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            if fmt == "torch-zip":
-                try:  # memory-mapped: the model's parameters are then the file's pages, never a second copy
-                    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError:  # e.g. a filesystem without mmap; a damaged file fails again below
-                    pass
-            return torch.load(file, map_location="cpu", weights_only=True)
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+            if not _pickle_complete(file, fmt):  # a stream cut inside a name looks like an unknown global
+                raise _corrupt(file, EOFError("the pickle stream ends before its STOP opcode")) from e
             raise UnsafeCheckpointError(
                 f"{file} contains pickled objects that would run code or build arbitrary classes when loaded, "
                 f"so it was refused and nothing in it was executed. Use a .safetensors copy; if you trust the "
@@ -149,13 +266,58 @@ def _read_torch(file: Path, fmt: str) -> Any:
                 f"through load_checkpoint(model, state_dict)"
             ) from e
         raise _corrupt(file, e) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, struct.error) as e:
+    except PermissionError as e:
+        raise CheckpointNotFoundError(
+            f"permission denied reading {file}: make it readable (chmod u+r)"
+        ) from e
+    except (
+        RuntimeError,
+        EOFError,
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AttributeError,
+        struct.error,
+    ) as e:
         raise _corrupt(file, e) from e
 
 
+def _pickle_complete(file: Path, fmt: str) -> bool:
+    """Whether the file's pickle stream(s) parse to the end (``pickletools.genops`` decodes opcodes only; it
+    never imports or calls anything). Legacy files start with four pickles in a row (magic number, protocol,
+    system info, the object); zip files hold one ``data.pkl``."""
+    import io
+    import pickletools
+
+    try:
+        if fmt == "torch-zip":
+            with zipfile.ZipFile(file) as z:
+                names = [n for n in z.namelist() if n.endswith("data.pkl")]
+                streams = [io.BytesIO(z.read(names[0]))] if names else []
+            count = 1
+        else:
+            streams, count = [open(file, "rb")], 4  # magic, protocol, sys info, the object
+        for stream in streams:
+            with stream:
+                end = stream.seek(0, io.SEEK_END)
+                stream.seek(0)
+                for _ in range(count):
+                    if stream.tell() == end:  # ended cleanly after a STOP (e.g. a single plain pickle)
+                        break
+                    for _op in pickletools.genops(stream):
+                        pass
+        return bool(streams)
+    except Exception:  # any decoding failure means the stream is damaged, not unsafe
+        return False
+
+
 def _corrupt(file: Path, e: Exception) -> CorruptCheckpointError:
+    first = (str(e).splitlines() or [""])[0][:200]
     return CorruptCheckpointError(
-        f"{file} is a damaged or truncated torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+        f"{file} is a damaged or truncated torch checkpoint ({type(e).__name__}: {first}). "
         f"Delete it and download it again"
     )
 
@@ -165,19 +327,22 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def unwrap(raw: Any, file: Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The flat state dict inside ``raw`` (``model``/``model_ema``/``state_dict`` wrappers removed)."""
+    """The flat state dict inside ``raw`` (``model``/``state_dict`` wrappers removed; with ``ema`` the first of
+    :data:`EMA_KEYS` present)."""
     if not isinstance(raw, dict):
         raise CorruptCheckpointError(
             f"{file} holds a {type(raw).__name__}, not a state dict; save model.state_dict() instead of the model"
         )
     extra: list[str] = []
     if ema:
-        if not _is_state_dict(raw.get("model_ema")):
+        key = next((k for k in EMA_KEYS if _is_state_dict(raw.get(k))), None)
+        if key is None:
             raise CorruptCheckpointError(
-                f"{file} has no 'model_ema' weights (top-level keys: {sorted(map(str, raw))[:10]}); drop ema=True"
+                f"{file} has no EMA weights (looked for {', '.join(EMA_KEYS)}; top-level keys: "
+                f"{', '.join(sorted(map(str, raw))[:20]) or 'none'}); drop ema=True / --ema to load its weights"
             )
-        extra = [k for k in raw if k != "model_ema"]
-        raw = raw["model_ema"]
+        extra = [k for k in raw if k != key]
+        raw = raw[key]
     elif not _is_state_dict(raw):
         for key in WRAPPER_KEYS:
             if _is_state_dict(raw.get(key)):

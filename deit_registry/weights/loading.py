@@ -10,9 +10,12 @@
     from deit_registry.weights import load_checkpoint
     load_checkpoint(model, "finetuned.safetensors")                                   # in place
 
-A new model is built on the meta device and its parameters are assigned the checkpoint's (memory-mapped)
-tensors, so the weights are never allocated twice. Everything is validated before any tensor is copied, so a
-failure leaves an existing model exactly as it was.
+Order of work: the options are checked first (the model is built on the meta device, so an unknown keyword or a
+bad value fails before any byte is downloaded); then the file is read into tensors the model owns (no memory
+map: the file can be rewritten or deleted afterwards); then everything is validated - config values, dtypes,
+layouts, devices, non-finite values, keys, shapes - before the first parameter changes, so a failure leaves
+an existing model exactly as it was. A new model's parameters are assigned the read tensors (never allocated
+twice).
 
 LayerNorm eps: transformers' DeiT/ViT configs say ``layer_norm_eps=1e-12`` where the official models use 1e-6
 (logits differ by about 1e-4). A checkpoint whose ``config.json`` names an eps is loaded with that eps (unless
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 
 from ..architecture import DeiT
+from ..errors import CheckpointMismatchError
 from ..variants import Variant
 from . import conversion, formats, sources
 
@@ -39,12 +43,26 @@ Source = str | os.PathLike[str] | Mapping[str, torch.Tensor] | None
 def _read(
     source: Source, variant: Variant | None, progress: bool, ema: bool
 ) -> tuple[dict[str, torch.Tensor], str, dict[str, Any] | None]:
-    """(official-layout state dict, a name for the file in messages, its config.json or None)."""
+    """(official-layout state dict, a name for the file in messages, its config.json or None), checked by
+    :func:`conversion.check_tensors` before any conversion."""
     if isinstance(source, Mapping):
-        return conversion.to_official(dict(source)), "the given state dict", None
-    path = sources.resolve(variant, source, progress=progress)
-    ckpt = formats.read_checkpoint(path, ema=ema)
-    return conversion.to_official(ckpt.state_dict), str(ckpt.file), ckpt.config
+        state_dict, file, config = dict(source), "the given state dict", None
+    else:
+        path = sources.resolve(variant, source, progress=progress)
+        ckpt = formats.read_checkpoint(path, ema=ema)
+        state_dict, file, config = ckpt.state_dict, str(ckpt.file), ckpt.config
+    conversion.check_tensors(state_dict, file)
+    return conversion.to_official(state_dict), file, config
+
+
+def _config_eps(config: dict[str, Any] | None, file: str) -> float | None:
+    return conversion.config_norm_eps(config, Path(file).parent / "config.json" if config else file)
+
+
+def _skeleton(opts: dict[str, Any]) -> DeiT:
+    """The model on the meta device: checks every option (TypeError / ValueError) without allocating."""
+    with torch.device("meta"):
+        return DeiT(**opts)
 
 
 def load_pretrained(
@@ -61,11 +79,12 @@ def load_pretrained(
     Args:
         variant: a :class:`~deit_registry.variants.Variant` or its name.
         options: :class:`~deit_registry.architecture.DeiT` keyword arguments (``num_classes``, ``img_size``,
-            ``in_chans``, ``head``, ...); the variant's architecture fills in the rest.
+            ``in_chans``, ``head``, ...); the variant's architecture fills in the rest. They are checked before
+            the source is resolved, so a typo never starts a download.
         source: ``None`` (official weights), a local file/folder, an http(s) URL, ``hf-hub:owner/repo[@rev]``
             or a state dict.
         progress: show a download progress bar.
-        ema: load a training checkpoint's ``model_ema`` weights instead of ``model``.
+        ema: load a training checkpoint's EMA weights (``model_ema``, or timm's ``state_dict_ema``).
         convert_distillation: allow distilled weights into a plain model (class head kept, distillation token
             dropped) or plain weights into a distilled one (distillation token and head copied from the class
             token and head).
@@ -73,18 +92,18 @@ def load_pretrained(
     variant = sources.get_variant(variant)
     opts: dict[str, Any] = variant.model_kwargs()
     opts.update(options or {})
+    skeleton = _skeleton(opts)  # before any byte moves
     state_dict, file, config = _read(source, variant, progress, ema)
-    eps = conversion.config_norm_eps(config)
+    eps = _config_eps(config, file)
     if eps is not None and "norm_eps" not in (options or {}):
         opts["norm_eps"] = eps
-
-    with torch.device("meta"):
-        skeleton = DeiT(**opts)
+        skeleton = _skeleton(opts)
     state_dict, fresh = _adapt_and_validate(
         state_dict, skeleton, file, config, convert_distillation, variant.name
     )
     expected = skeleton.state_dict()
-    state_dict = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
+    # Copies only where dtype or device differ; tensors read from a file are already owned by this process.
+    state_dict = {k: v.to(device="cpu", dtype=expected[k].dtype) for k, v in state_dict.items()}
     if fresh or _has_real_tensors(skeleton):
         # Dropped heads (or a user-supplied head module) need real, initialised parameters: build normally.
         model = DeiT(**opts)
@@ -140,11 +159,19 @@ def load_checkpoint(
         raise ValueError(
             "load_checkpoint needs a source: a file, folder, URL, 'hf-hub:owner/repo' or state dict"
         )
+    if any(t.is_meta for t in model.state_dict().values()):
+        raise CheckpointMismatchError(
+            "load_checkpoint copies into an existing model, but this one is on the meta device; use "
+            "create_model(..., pretrained=True, weights=...) to build a model from a checkpoint"
+        )
     state_dict, file, config = _read(source, None, progress, ema)
+    eps = _config_eps(config, file)  # a bad config value fails here, before anything changes
     state_dict, fresh = _adapt_and_validate(state_dict, model, file, config, convert_distillation)
+    expected = model.state_dict()
+    # Cast first: every conversion that could fail happens before the first parameter changes.
+    state_dict = {k: v.to(device=expected[k].device, dtype=expected[k].dtype) for k, v in state_dict.items()}
     with torch.no_grad():
         model.load_state_dict(state_dict, strict=False)
-    eps = conversion.config_norm_eps(config)
     if eps is not None:
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):

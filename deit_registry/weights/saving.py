@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..architecture import DeiT
+from ..errors import CheckpointMismatchError, WeightsError
 from ..variants import VARIANTS, Variant
 from . import conversion, formats, sources
 
@@ -29,26 +30,16 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 
-def variant_of(model: DeiT) -> Variant:
-    """The variant with ``model``'s architecture (the native resolution's one when several match)."""
-    block = model.blocks[0]
-    size = tuple(model.patch_embed.img_size)
-    matches = [
-        v
-        for v in VARIANTS.values()
-        if v.arch.embed_dim == model.embed_dim
-        and v.arch.depth == len(model.blocks)
-        and v.arch.num_heads == block.attn.num_heads
-        and v.arch.patch_size == model.patch_embed.patch_size[0]
-        and v.arch.distilled == model.distilled
-    ]
-    if not matches:
+def _variant_of(model: DeiT) -> Variant:
+    """The variant with ``model``'s architecture (:func:`conversion.guess_variant`, the one guesser)."""
+    with torch.no_grad():
+        name = conversion.guess_variant(model.state_dict(), num_heads=model.blocks[0].attn.num_heads)
+    if name is None:
         raise ValueError(
             f"this model (embed_dim {model.embed_dim}, depth {len(model.blocks)}) is none of the eight DeiT "
             f"variants; pass name= to save_pretrained to name its architecture"
         )
-    exact = [v for v in matches if (v.arch.img_size, v.arch.img_size) == size]
-    return (exact or [v for v in matches if v.arch.img_size == 224] or matches)[0]
+    return VARIANTS[name]
 
 
 def timm_config(model: DeiT, variant: Variant) -> dict[str, Any]:
@@ -97,7 +88,7 @@ def save_pretrained(model: DeiT, directory: str | os.PathLike[str], name: str | 
 
     ``name`` is the architecture recorded in the config (default: the variant with the model's shape).
     """
-    variant = sources.get_variant(name) if name else variant_of(model)
+    variant = sources.get_variant(name) if name else _variant_of(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
@@ -111,26 +102,57 @@ def save_pretrained(model: DeiT, directory: str | os.PathLike[str], name: str | 
     return directory
 
 
+def check_destination(dst: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Refuse ``dst`` before any work: not a folder, not writable, or already holding a converted checkpoint
+    (``model.safetensors`` / ``config.json``) unless ``overwrite``. Raises :class:`WeightsError`."""
+    dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise WeightsError(f"destination {dst} is a file, not a folder; choose a folder path")
+    existing = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if (dst / n).exists()]
+    if existing and not overwrite:
+        raise WeightsError(
+            f"destination {dst} already holds {' and '.join(existing)}; choose an empty folder, or pass "
+            f"--force (overwrite=True) to replace them"
+        )
+    probe = dst
+    while not probe.exists():  # the nearest existing ancestor is where the folder would be created
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise WeightsError(
+            f"cannot write to {probe} (permission denied or read-only); choose a writable destination folder"
+        )
+    return dst
+
+
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     name: str | None = None,
     *,
     ema: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Convert any supported checkpoint (official ``.pth``, training checkpoint, timm or transformers files,
     URL, ``hf-hub:`` id) into ``dst`` as ``model.safetensors`` + ``config.json``.
 
     The variant is read from the weights' shapes unless ``name`` says; ``num_classes`` and the image size
-    are kept as saved.
+    are kept as saved. ``ema`` takes the EMA weights of a training checkpoint (the original repository's
+    ``model_ema`` or timm's ``state_dict_ema``). An existing ``model.safetensors`` or ``config.json`` in
+    ``dst`` is refused unless ``overwrite``; the destination is checked before anything is read.
     """
     from .loading import load_pretrained
 
+    check_destination(dst, overwrite)
     path = sources.resolve(name, src)
     ckpt = formats.read_checkpoint(path, ema=ema)
     sd = conversion.to_official(ckpt.state_dict)
     if name is None:
-        name = conversion.guess_variant(sd) or _guess_by_width(sd, path)
+        name = conversion.guess_variant(sd)
+        if name is None:
+            raise CheckpointMismatchError(
+                f"cannot tell which DeiT variant {path} holds (no cls_token of a DeiT width); pass name= "
+                f"(--name), e.g. 'deit_small_patch16_224'"
+            )
     variant = sources.get_variant(name)
     options: dict[str, Any] = {}
     head = sd.get("head.weight")
@@ -145,16 +167,9 @@ def convert(
     if proj is not None and proj.shape[1] != 3:
         options["in_chans"] = int(proj.shape[1])
     model = load_pretrained(variant, options, source=path, ema=ema, progress=False)
-    return save_pretrained(model, dst, variant.name)
-
-
-def _guess_by_width(sd: dict[str, torch.Tensor], path: Path) -> str:
-    cls = sd.get("cls_token")
-    distilled = "dist_token" in sd
-    for v in VARIANTS.values():
-        if cls is not None and v.arch.embed_dim == cls.shape[-1] and v.arch.distilled == distilled:
-            if v.arch.img_size == 224:
-                return v.name
-    raise ValueError(
-        f"cannot tell which DeiT variant {path} holds; pass name= (e.g. 'deit_small_patch16_224')"
-    )
+    try:
+        return save_pretrained(model, dst, variant.name)
+    except PermissionError as e:
+        raise WeightsError(
+            f"cannot write to {e.filename or dst} (permission denied); choose a writable destination folder"
+        ) from e
