@@ -47,6 +47,7 @@ _LAZY = {
     "register_entry_points": "timm_adapter",
     "register_with_timm": "timm_adapter",
     "FeaturePyramid": "pyramid",
+    "register_smp_encoders": "smp_encoder",
     "eval_transform": "transforms",
     "attention_maps": "inspection",
     "class_token_heatmaps": "inspection",
@@ -112,6 +113,7 @@ if TYPE_CHECKING:
     from .heads import HeadModules, HeadSpec, MaskedImageModelingHead, list_heads, register_head
     from .inspection import attention_maps, class_token_heatmaps
     from .pyramid import FeaturePyramid
+    from .smp_encoder import register_smp_encoders
     from .timm_adapter import register_entry_points, register_with_timm
     from .training import DistillationLoss, freeze, param_groups_layer_decay, unfreeze
     from .transforms import eval_transform

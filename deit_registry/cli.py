@@ -7,6 +7,7 @@
     deit-registry download deit_tiny_patch16_224 deit_small_patch16_224
     deit-registry convert deit_tiny_patch16_224-a1311bcf.pth tiny/ [--ema] [--force]
     deit-registry validate deit_tiny_patch16_224 --data /data/imagenet/val --batch-size 128 --workers 8
+    deit-registry run validate.py --model deit_tiny_patch16_224 ...   # any timm script, our models active
 
 Errors print one line saying what went wrong and what to do, and exit with status 1 (2 for bad usage);
 ``--debug`` shows the traceback instead. ``list`` and ``info`` never import torch or timm.
@@ -453,6 +454,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ run
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import run
+
+    if args.module is not None:
+        if not args.module:
+            raise ValueError("run -m needs a module name: run -m MODULE [ARGS...]")
+        return run(args.module[0], args.module[1:], module=True)
+    if not args.argv:
+        raise ValueError("run needs a script: run SCRIPT [ARGS...] or run -m MODULE [ARGS...]")
+    return run(args.argv[0], args.argv[1:])
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -558,6 +572,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     model_options(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "run",
+        help="run a script (e.g. timm's validate.py) as __main__ with the DeiT models registered in timm",
+        description="Run SCRIPT (or -m MODULE) as python would, after registering the eight DeiT models with "
+        "timm, so timm.create_model in it builds them. The script's output and exit status pass through.",
+        usage=f"{PROG} run SCRIPT [ARGS...] | {PROG} run -m MODULE [ARGS...]",
+    )
+    p.add_argument(
+        "-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE", help="run a module, as python -m"
+    )
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="SCRIPT [ARGS...]")
+    p.set_defaults(func=cmd_run)
     return parser
 
 

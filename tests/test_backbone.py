@@ -372,30 +372,6 @@ def test_pyramid_unet_decoder_trains_end_to_end():
     assert not torch.equal(backbone.patch_embed.proj.weight, patch_before)
 
 
-def test_segmentation_models_pytorch_unet():
-    import segmentation_models_pytorch as smp  # in the test extra
-
-    from deit_registry.smp_encoder import register_smp_encoders
-
-    assert "deit_tiny_patch16_224" in register_smp_encoders()
-    torch.manual_seed(0)
-    unet = smp.Unet(
-        "deit_tiny_patch16_224", encoder_weights=None, classes=2, decoder_channels=(32, 16, 16, 8, 8)
-    )
-    assert unet.encoder.out_channels == [3, 0, 48, 96, 192, 192]
-    x = torch.randn(2, 3, 64, 96)
-    out = unet(x)
-    assert out.shape == (2, 2, 64, 96)
-    loss = F.cross_entropy(out, torch.randint(0, 2, (2, 64, 96)))
-    loss.backward()
-    grad = unet.encoder.pyramid.backbone.patch_embed.proj.weight.grad
-    assert grad is not None and grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="encoder_depth=5"):
-        smp.Unet(
-            "deit_tiny_patch16_224", encoder_weights=None, encoder_depth=4, decoder_channels=(8, 8, 8, 8)
-        )
-
-
 @torch.no_grad()
 def test_forward_intermediates_equal_timms_own(model, x):
     """Same weights in timm's VisionTransformer / VisionTransformerDistilled: same intermediates API results."""
