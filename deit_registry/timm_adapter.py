@@ -21,11 +21,10 @@ distribution) into timm, through the same public ``register_model``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from .architecture import Attention, PatchEmbed
 from .deit import CONSTRUCTORS, build_deit
 from .registry import load_entry_points
 from .variants import PRETRAINED_TAG, VARIANTS, Variant, get_variant
+from .weights.netlimits import cache_dir_scope
 
 ORIGIN_URL = "https://github.com/facebookresearch/deit"
 
@@ -101,35 +101,6 @@ def _weights_source(variant: Variant, cfg: PretrainedCfg) -> Any:
     return None
 
 
-@contextlib.contextmanager
-def _cache_dir_scope(cache_dir: str | os.PathLike[str] | None) -> Iterator[None]:
-    """timm's ``cache_dir=`` for this call: URL downloads land in ``cache_dir/checkpoints``, the Hub's in
-    ``cache_dir``, through the public ``torch.hub.set_dir`` and ``HF_HUB_CACHE`` (read at call time by the
-    weights layer), both restored afterwards.
-
-    The weights layer takes no cache folder argument, so this is the one place that sets process-wide
-    settings for the length of a call (not thread-safe; ``torch.hub.get_dir()`` is pinned to its previous
-    value afterwards, so a later ``TORCH_HOME`` change needs ``torch.hub.set_dir``). Without ``cache_dir``
-    nothing is touched.
-    """
-    if cache_dir is None:
-        yield
-        return
-    import torch.hub
-
-    previous_dir, previous_env = torch.hub.get_dir(), os.environ.get("HF_HUB_CACHE")
-    torch.hub.set_dir(os.fspath(cache_dir))
-    os.environ["HF_HUB_CACHE"] = os.fspath(cache_dir)
-    try:
-        yield
-    finally:
-        torch.hub.set_dir(previous_dir)
-        if previous_env is None:
-            os.environ.pop("HF_HUB_CACHE", None)
-        else:
-            os.environ["HF_HUB_CACHE"] = previous_env
-
-
 def honour_fused_attn(model: nn.Module) -> nn.Module:
     """Set every attention layer's ``fused_attn`` from ``timm.layers.use_fused_attn()``, as timm's own models
     do when built (so ``timm.layers.set_fused_attn(False)`` applies to ours)."""
@@ -170,7 +141,8 @@ def build_timm_model(
     def construct(**options: Any) -> nn.Module:
         if pretrained:
             options["weights"] = source
-        with _cache_dir_scope(cache_dir if pretrained else None):
+        # timm's cache_dir= for this call only: URL files in cache_dir/checkpoints, Hub files in cache_dir
+        with cache_dir_scope(cache_dir if pretrained else None):
             return honour_fused_attn(build_deit(variant, pretrained, **options))
 
     return build_model_with_cfg(

@@ -193,6 +193,17 @@ def test_pretrained_from_url_overlay_into_cache_dir(tiny_checkpoint, server, tmp
     assert server.gets[f"/mirror/{path.name}"] == 1
 
 
+def test_cache_dir_pins_nothing_afterwards(tiny_checkpoint, server, tmp_path: Path, monkeypatch) -> None:
+    """cache_dir= is that call's alone: a later TORCH_HOME still decides where torch.hub's cache is."""
+    path, _ = tiny_checkpoint
+    url = server.add(f"/pins/{path.name}", Route(path.read_bytes()))
+    timm.create_model(TINY, pretrained=True, pretrained_cfg_overlay=dict(url=url), cache_dir=tmp_path / "a")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "b"))
+    assert torch.hub.get_dir() == str(tmp_path / "b" / "hub")
+    deit_registry.create_model(TINY, pretrained=True, weights=url)
+    assert (tmp_path / "b" / "hub" / "checkpoints" / path.name).is_file()
+
+
 def test_pretrained_from_local_file_overlay_and_features(tiny_checkpoint) -> None:
     path, state = tiny_checkpoint
     m = timm.create_model(TINY, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))

@@ -51,6 +51,9 @@ def endpoint() -> str:
 
 
 def cache_dir() -> str | None:
+    override = netlimits.CACHE_DIR.get()  # timm's cache_dir= (see netlimits.cache_dir_scope)
+    if override is not None:
+        return str(override)
     # huggingface_hub reads HF_HOME / HF_HUB_CACHE once at import; honour changes made after that.
     if os.environ.get("HF_HUB_CACHE"):
         return os.environ["HF_HUB_CACHE"]

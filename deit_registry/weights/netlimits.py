@@ -14,6 +14,7 @@ request and the overall deadline above bounds the whole call.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import sys
 import threading
@@ -98,7 +99,8 @@ def run_with_deadline(fn: Callable[[], T], seconds: float, on_timeout: Callable[
         except BaseException as e:  # handed to the caller's thread below
             box["error"] = e
 
-    worker = threading.Thread(target=target, name="deit-registry-download", daemon=True)
+    context = contextvars.copy_context()  # the caller's settings (e.g. a cache_dir= scope) hold in the thread
+    worker = threading.Thread(target=context.run, args=(target,), name="deit-registry-download", daemon=True)
     worker.start()
     worker.join(seconds)
     if worker.is_alive():
@@ -175,3 +177,21 @@ def not_writable(directory: Path | str, e: BaseException) -> CacheNotWritableErr
         f"TORCH_HOME (torch.hub's cache, official files and URLs), HF_HUB_CACHE or HF_HOME (the Hugging Face "
         f"cache); or pass weights=PATH to a local file"
     )
+
+
+# timm's ``cache_dir=`` for the calls inside :func:`cache_dir_scope`: URL files go to ``<dir>/checkpoints``,
+# Hub files to ``<dir>``. A context variable, so neither torch.hub's nor the process's settings change and
+# concurrent calls keep their own.
+CACHE_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "deit_registry_cache_dir", default=None
+)
+
+
+@contextlib.contextmanager
+def cache_dir_scope(path: str | os.PathLike[str] | None) -> Iterator[None]:
+    """Downloads inside the block use ``path`` as their cache root (``None``: the usual caches)."""
+    token = CACHE_DIR.set(None if path is None else Path(path).expanduser())
+    try:
+        yield
+    finally:
+        CACHE_DIR.reset(token)

@@ -57,7 +57,11 @@ class _Transient(Exception):
 
 
 def cache_dir() -> Path:
-    """torch.hub's checkpoint cache (``$TORCH_HOME/hub/checkpoints``), the folder timm and torchvision use."""
+    """torch.hub's checkpoint cache (``$TORCH_HOME/hub/checkpoints``), the folder timm and torchvision use, or
+    ``<dir>/checkpoints`` inside :func:`~deit_registry.weights.netlimits.cache_dir_scope` (timm's layout)."""
+    override = netlimits.CACHE_DIR.get()
+    if override is not None:
+        return override / "checkpoints"
     import torch.hub
 
     return Path(torch.hub.get_dir()) / "checkpoints"
