@@ -81,10 +81,11 @@ _FIXED_TIMM_OPTIONS: dict[str, tuple[tuple[Any, ...], str]] = {
 
 # Layer keywords of timm's VisionTransformer: timm's default class is the same computation as ours.
 _TIMM_DEFAULT_LAYERS = {
-    "embed_layer": "timm.layers.patch_embed.PatchEmbed",
-    "block_fn": "timm.models.vision_transformer.Block",
-    "mlp_layer": "timm.layers.mlp.Mlp",
-    "attn_layer": "timm.layers.attention.Attention",
+    "embed_layer": ("timm.layers.patch_embed.PatchEmbed",),
+    "block_fn": ("timm.models.vision_transformer.Block",),
+    "mlp_layer": ("timm.layers.mlp.Mlp",),
+    # timm.models.vision_transformer.Attention until timm moved it to timm.layers
+    "attn_layer": ("timm.layers.attention.Attention", "timm.models.vision_transformer.Attention"),
 }
 _GELU_CLASSES = ("torch.nn.modules.activation.GELU", "timm.layers.activations.GELU")
 
@@ -125,12 +126,12 @@ def translate_timm_options(options: dict[str, Any]) -> dict[str, Any]:
             value = out.pop(key)
             if (
                 value is not None
-                and _qualname(value) != default
+                and _qualname(value) not in default
                 and getattr(value, "__module__", "") != DeiT.__module__
             ):
                 raise ValueError(
                     f"{key}={value!r} is not supported: DeiT builds its own layers; only timm's default "
-                    f"({default}) or None is accepted"
+                    f"({' or '.join(default)}) or None is accepted"
                 )
     if "act_layer" in out:
         value = out.pop("act_layer")

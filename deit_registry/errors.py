@@ -50,6 +50,10 @@ class MissingDependencyError(WeightsError, ImportError):
     ``.safetensors`` files); the message says what to ``pip install``."""
 
 
+class CheckpointNotReadableError(WeightsError, PermissionError):
+    """A checkpoint file or folder this user may not read; the message names it and the fix."""
+
+
 class CacheNotWritableError(WeightsError, PermissionError):
     """The download cache folder cannot be written; the message names it and how to move the cache
     (``TORCH_HOME``, ``HF_HUB_CACHE`` / ``HF_HOME``)."""

@@ -36,6 +36,7 @@ from timm.models import (
     is_model,
     model_entrypoint,
     register_model,
+    register_notrace_module,
     resolve_pretrained_cfg,
 )
 from torch import nn
@@ -195,7 +196,7 @@ def register_with_timm() -> list[str]:
             for fn in ENTRIES.values():
                 register_model(fn)
     # timm's fx feature extraction keeps the patch embedding whole, as it does for its own PatchEmbed
-    timm.layers.register_notrace_module(PatchEmbed)
+    register_notrace_module(PatchEmbed)  # in timm.models since timm 1.0, also in timm.layers later
     return list(ENTRIES)
 
 

@@ -22,7 +22,7 @@ from weights_server import Route, WeightsServer
 import deit_registry as dr
 from deit_registry import weights
 from deit_registry.errors import (
-    CheckpointNotFoundError,
+    CheckpointNotReadableError,
     CorruptCheckpointError,
     UnsafeCheckpointError,
     WeightsError,
@@ -282,7 +282,7 @@ def test_permission_denied_is_a_documented_error(tmp_path, reference, monkeypatc
     )
     source = folder / "model.safetensors" if target == "file" else folder
     _deny(monkeypatch, source)
-    with pytest.raises(CheckpointNotFoundError, match="permission denied") as info:
+    with pytest.raises(CheckpointNotReadableError, match="permission denied") as info:
         weights.load_checkpoint(_model(2), source)
     assert "chmod" in str(info.value)
 
@@ -299,11 +299,11 @@ def test_permission_denied_real_chmod(tmp_path, reference):
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(file))
     try:
         file.chmod(0)
-        with pytest.raises(CheckpointNotFoundError, match="permission denied"):
+        with pytest.raises(CheckpointNotReadableError, match="permission denied"):
             formats.read_checkpoint(file)
         file.chmod(0o600)
         folder.chmod(0)
-        with pytest.raises(CheckpointNotFoundError, match="permission denied"):
+        with pytest.raises(CheckpointNotReadableError, match="permission denied"):
             formats.read_checkpoint(folder)
     finally:
         folder.chmod(0o700)

@@ -31,7 +31,12 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from ..errors import (
+    CheckpointNotFoundError,
+    CheckpointNotReadableError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+)
 
 # The one list of weight file names, best first (safetensors: no pickle, no code).
 WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin", "model.pth", "pytorch_model.pth")
@@ -86,10 +91,7 @@ def _check_readable(path: Path) -> None:
             with open(path, "rb"):
                 pass
     except PermissionError as e:
-        raise CheckpointNotFoundError(
-            f"permission denied reading {e.filename or path}: make it readable by this user (e.g. chmod u+r, "
-            f"and u+x for a folder) or copy the checkpoint somewhere readable"
-        ) from e
+        raise _unreadable(e.filename or path) from e
     except OSError as e:
         raise CheckpointNotFoundError(f"cannot read checkpoint {path}: {e}") from e
 
@@ -118,15 +120,19 @@ def read_checkpoint(path: str | Path, ema: bool = False) -> Checkpoint:
     return Checkpoint(state_dict, file, fmt, config, extra)
 
 
+def _unreadable(path: Any) -> CheckpointNotReadableError:
+    return CheckpointNotReadableError(
+        f"permission denied reading {path}: make it readable by this user (e.g. chmod u+r) or copy it elsewhere"
+    )
+
+
 def sniff_format(file: Path) -> str:
     """``safetensors``, ``torch-zip`` or ``torch-legacy`` from the first bytes of ``file``."""
     try:
         with open(file, "rb") as f:
             head = f.read(16)
     except PermissionError as e:
-        raise CheckpointNotFoundError(
-            f"permission denied reading {file}: make it readable by this user (chmod u+r) or copy it elsewhere"
-        ) from e
+        raise _unreadable(file) from e
     except OSError as e:
         raise CheckpointNotFoundError(f"cannot read checkpoint {file}: {e}") from e
     if head.startswith(b"PK\x03\x04"):
@@ -147,9 +153,7 @@ def _read_json(file: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except PermissionError as e:
-        raise CheckpointNotFoundError(
-            f"permission denied reading {file}: make it readable (chmod u+r)"
-        ) from e
+        raise _unreadable(file) from e
     except (OSError, ValueError) as e:
         raise CorruptCheckpointError(f"{file} is not valid JSON ({e}); fix or delete it") from e
     return data if isinstance(data, dict) else None
@@ -204,9 +208,7 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
                 out[name] = _read_range(f, name, info, base, size, bad)
             return out
     except PermissionError as e:
-        raise CheckpointNotFoundError(
-            f"permission denied reading {file}: make it readable (chmod u+r)"
-        ) from e
+        raise _unreadable(file) from e
     except OSError as e:
         raise bad(f"{type(e).__name__}: {e}") from e
 
@@ -266,9 +268,7 @@ def _read_torch(file: Path, fmt: str) -> Any:
             ) from e
         raise _corrupt(file, e) from e
     except PermissionError as e:
-        raise CheckpointNotFoundError(
-            f"permission denied reading {file}: make it readable (chmod u+r)"
-        ) from e
+        raise _unreadable(file) from e
     except (
         RuntimeError,
         EOFError,
