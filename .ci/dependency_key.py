@@ -18,7 +18,7 @@ from pathlib import Path
 import tomllib
 
 # torchvision is timm's dependency, not ours: pin the release built for the torch floor.
-FLOOR_EXTRA = ["torchvision==0.19.0"]
+FLOOR_EXTRA = ["torchvision==0.24.0"]
 
 
 def requirements(env: str) -> list[str]:

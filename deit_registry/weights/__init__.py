@@ -5,7 +5,7 @@
     import deit_registry as dr
     from deit_registry import weights
 
-    model = dr.create_model("deit_base_patch16_224", pretrained=True)                        # official .pth
+    model = dr.create_model("deit_base_patch16_224", pretrained=True)       # the Hub, else the official file
     model = dr.create_model("deit_base_patch16_224", pretrained=True, weights="hf-hub:timm/deit_base_patch16_224.fb_in1k")
     weights.load_checkpoint(model, "my_finetune.safetensors")                                  # in place
     weights.download("deit_small_patch16_224"); weights.is_cached("deit_small_patch16_224")    # pre-fetch

@@ -185,12 +185,12 @@ def download(
 ) -> Path:
     """Fetch the weights of ``name`` (or of ``source``) into the local cache and return the cached path.
 
-    ``deit_registry.weights.download("deit_base_patch16_224")`` pre-fetches the official file, e.g. before
-    going offline (``HF_HUB_OFFLINE=1``).
+    ``deit_registry.weights.download("deit_base_patch16_224")`` pre-fetches the variant's weights in the default
+    order (the Hub's copy, else the official file), e.g. before going offline (``HF_HUB_OFFLINE=1``).
     """
     return sources.resolve(name, source, progress=progress)
 
 
 def is_cached(name: str | Variant) -> bool:
-    """Whether the official weights of ``name`` are already in torch.hub's cache."""
+    """Whether the default order finds the weights of ``name`` locally (the Hub cache or torch.hub's)."""
     return sources.cached_path(get_variant(name)).is_file()
