@@ -112,6 +112,9 @@ class _CompilerInternals:
     compile_errors: tuple[type[BaseException], ...]  # Dynamo's "the compiler failed" exceptions
     recompile_limit_error: type[BaseException] | None
     cxx: str | None
+    limit_config: (
+        Any | None
+    )  # the config holding Dynamo's recompile_limit (public torch.compiler.config first)
 
 
 @functools.cache
@@ -121,9 +124,11 @@ def _compiler_internals() -> _CompilerInternals:
     Inductor's weight freezing and C++ wrapper have no public switch (``torch.compile(options=...)`` reaches
     inductor but not Dynamo, which reads ``freezing`` while tracing), and Dynamo's compile-failure exceptions
     are not exported publicly. Dynamo's recompile limit is set through the public ``torch.compiler.config``
-    where it exists (see :func:`_compile_settings`). If a torch release moves these modules, this warns once
+    where it has it, else Dynamo's own config (see :func:`_compile_settings`). If a torch release moves these modules, this warns once
     and the fast mode still works: it compiles without freezing and does not catch compile errors.
     """
+    public = getattr(torch.compiler, "config", None)
+    public_limit = public if public is not None and hasattr(public, "recompile_limit") else None
     try:
         inductor_config = importlib.import_module("torch._inductor.config")
         exc = importlib.import_module("torch._dynamo.exc")
@@ -131,6 +136,9 @@ def _compiler_internals() -> _CompilerInternals:
         for name in ("freezing", "cpp_wrapper", "cpp"):
             getattr(inductor_config, name)
         cxx = inductor_config.cpp.cxx[-1] if inductor_config.cpp.cxx else None
+        # torch.compiler.config gained recompile_limit after torch 2.9; before, only Dynamo's own config has it
+        limit_config = public_limit or importlib.import_module("torch._dynamo.config")
+        limit_config.recompile_limit, limit_config.fail_on_recompile_limit_hit  # noqa: B018 (present?)
     except (ImportError, AttributeError, TypeError) as err:
         warnings.warn(
             f"torch {torch.__version__}'s compiler internals are not where deit_registry.fast expects them "
@@ -139,8 +147,8 @@ def _compiler_internals() -> _CompilerInternals:
             RuntimeWarning,
             stacklevel=2,
         )
-        return _CompilerInternals(None, (), None, None)
-    return _CompilerInternals(inductor_config, errors, exc.FailOnRecompileLimitHit, cxx)
+        return _CompilerInternals(None, (), None, None, public_limit)
+    return _CompilerInternals(inductor_config, errors, exc.FailOnRecompileLimitHit, cxx, limit_config)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -340,8 +348,8 @@ def _compile_settings(device: torch.device) -> contextlib.ExitStack:
     inductor_config = _compiler_internals().inductor_config
     if inductor_config is not None:
         stack.enter_context(inductor_config.patch(freezing=True, cpp_wrapper=device.type == "cpu"))
-    config = getattr(torch.compiler, "config", None)  # public since torch 2.6
-    if config is not None and hasattr(config, "recompile_limit"):
+    config = _compiler_internals().limit_config
+    if config is not None:
         limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
         stack.enter_context(config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True))
     return stack

@@ -182,7 +182,8 @@ def test_1_hub_http_500_falls_back_within_the_deadline(env, server, monkeypatch,
     server.add(_hub_path(), Route(b"boom", status=500))
     _official(monkeypatch, server, pth["ref"])
     start = time.monotonic()
-    with pytest.warns(UserWarning, match="took longer than 3 s|500"):
+    # the reason's wording depends on the huggingface_hub release; the fallback and its warning do not
+    with pytest.warns(UserWarning, match="could not be used"):
         assert _equal(_load(), models["ref"])
     assert time.monotonic() - start < DEADLINE_S + 2.5
 
