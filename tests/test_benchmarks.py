@@ -31,6 +31,7 @@ def test_inference_benchmark_compares_with_timms_own_model():
     assert diff < 1e-5
 
 
+@pytest.mark.slow  # a timed run, even at its smallest setting
 def test_inference_benchmark_runs(capsys):
     pytest.importorskip("timm")
     inference = load_script("inference")
