@@ -6,7 +6,8 @@ Two environments are tested (``--env``):
 * ``floor``: every ``name>=X`` pinned to ``name==X``, the oldest versions we declare (runtime and test
   dependencies), plus the pins in ``FLOOR_EXTRA`` for what pip cannot derive (torchvision must match torch).
 
-The key hashes the list and the Python version, so a cached environment is rebuilt exactly when either changes.
+The key hashes the list and the environment's Python version, so a cached environment is rebuilt exactly when
+either changes. Runs on Python >= 3.11 (tomllib), whatever the environment's own Python.
 """
 
 import argparse
@@ -37,12 +38,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--env", choices=["newest", "floor"], default="newest")
     parser.add_argument("--list", action="store_true", help="print the requirements, one a line")
+    parser.add_argument(
+        "--python",
+        default=f"{sys.version_info[0]}.{sys.version_info[1]}",
+        help="the environment's Python version, part of the key (default: this interpreter's)",
+    )
     args = parser.parse_args()
     reqs = requirements(args.env)
     if args.list:
         print("\n".join(reqs))
     else:
-        text = "\n".join(reqs) + f"\npython{sys.version_info[0]}.{sys.version_info[1]}"
+        text = "\n".join(reqs) + f"\npython{args.python}"
         print(f"{args.env}-" + hashlib.sha256(text.encode()).hexdigest()[:16])
 
 
