@@ -1,26 +1,27 @@
-"""Inference speed of deit-registry's DeiT against timm's same-named model, with identical weights.
+"""Inference speed of deit-registry's DeiT against timm's same-named model with identical weights, against what
+a user who wants speed runs: timm's model under ``torch.compile``.
 
 ::
 
-    python benchmarks/inference.py                                  # tiny, small, small distilled; batch 1 and 32
-    python benchmarks/inference.py --variants deit_base_patch16_224 --batch-sizes 8 --modes fast --repeats 9
+    python benchmarks/inference.py         # deit_tiny, deit_small_distilled, deit_base (patch16_224); batch 1 and 32
+    python benchmarks/inference.py --variants deit_base_patch16_224 --batch-sizes 8 --modes fast-fp32 --repeats 5
+    python benchmarks/inference.py --device cuda --batch-sizes 1 32 256 --modes exact fast
 
 For each variant, timm's own model (``timm.models.deit.<name>``: importing deit_registry points timm's registry
-at ours) is created with random weights and its state_dict loaded into ours with
-``strict=True`` (the fp32 outputs are checked to agree). Modes:
+at ours) is created with random weights and its state_dict loaded into ours with ``strict=True`` (the fp32
+outputs are checked to agree). Modes, each a row per variant and batch size:
 
 * ``exact``: our default fp32 model against timm's fp32 model, both eager.
-* ``fast``: ``deit_registry.fast.optimize_for_inference(model)`` (bf16 + torch.compile here) against timm's
-  model with its weights cast to bf16 (the same dtype our fast mode picked).
-* ``fast-fp32``: ``optimize_for_inference(model, dtype=torch.float32)`` against timm's fp32 model.
+* ``fast``: ``deit_registry.fast.optimize_for_inference(model)`` with its defaults (bf16 + compile where the
+  device runs bf16 natively, dynamic int8 linears on CPUs without it) against ``torch.compile(timm_model)``
+  in the same dtype (fp32 for int8: timm has no int8 path of its own).
+* ``fast-fp32``: ``optimize_for_inference(model, dtype=torch.float32)`` against timm compiled in fp32.
 
 Ours and timm's run alternately in one process (the machine may be shared: only ratios within a run mean
-much); every figure is a median over ``--repeats`` samples. Achieved GFLOP/s counts 2 x the variant's GMACs per
-image (for our fast modes only the share they execute, see ``executed_fraction``) and is divided by the
-machine's matmul rate in the mode's dtype: a 4096^3 matmul timed in the same rotation as the two models (and
-once at the start, for the header). Peak memory is the tensor memory allocated during one forward
-(torch.profiler), weights excluded. For ``fast`` the run also checks accuracy against fp32 on fixed inputs
-(see ``quality_check``).
+much); every figure is a median over ``--repeats`` samples. ``ready s`` is the time from the untouched model to
+the first output (compiling included). The modes that change numerics are then compared with fp32 on a small
+DeiT trained on scikit-learn's digits in the same run (``benchmarks/agreement.py``): random weights have no
+meaningful top-1.
 """
 
 from __future__ import annotations
@@ -30,17 +31,20 @@ import copy
 import datetime
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import deit_registry as dr
-from deit_registry.fast import optimize_for_inference, pick_dtype
+from deit_registry.fast import compiler_available, optimize_for_inference, pick_dtype
 from deit_registry.variants import VARIANTS
 
 MODES = ("exact", "fast", "fast-fp32")
+DEFAULT_VARIANTS = ["deit_tiny_patch16_224", "deit_small_distilled_patch16_224", "deit_base_patch16_224"]
 
 
 def cpu_info() -> dict[str, str]:
@@ -62,7 +66,7 @@ def cpu_name() -> str:
     return cpu_info().get("model name") or platform.processor() or platform.machine()
 
 
-# /proc/cpuinfo flag -> name; the ones that decide which kernels oneDNN can use.
+# /proc/cpuinfo flag -> name; the ones that decide which kernels oneDNN and FBGEMM can use.
 CPU_FEATURES = {
     "avx2": "AVX2",
     "avx512f": "AVX-512",
@@ -80,47 +84,44 @@ def cpu_features() -> str:
     return ", ".join(f"{name} {'yes' if flag in flags else 'no'}" for flag, name in CPU_FEATURES.items())
 
 
-def mode_dtype(mode: str) -> torch.dtype:
-    """The compute dtype a mode runs in here (the fast mode asks the package, as it does itself)."""
-    return pick_dtype(torch.device("cpu")) if mode == "fast" else torch.float32
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def mode_dtype(mode: str, device: torch.device) -> torch.dtype:
+    """The dtype a mode computes in on ``device`` (the fast mode asks the package, as it does itself)."""
+    return pick_dtype(device) if mode == "fast" else torch.float32
+
+
+def timm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype timm's model runs in beside ours: the same, or fp32 where timm has no such path (int8)."""
+    return torch.float32 if dtype is torch.qint8 else dtype
 
 
 MATMUL_N = 4096
 
 
-def matmul_fn(dtype: torch.dtype, n: int = MATMUL_N) -> Callable[[], object]:
-    """One n x n x n matmul in ``dtype`` (2 n^3 FLOP): the machine's matrix rate."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    return lambda: a @ b
-
-
-def matmul_rate(dtype: torch.dtype, repeats: int) -> float:
-    """Median GFLOP/s of a 4096^3 matmul in ``dtype`` on this CPU."""
-    samples = timed_alternately({"mm": matmul_fn(dtype)}, repeats)["mm"]
+def matmul_rate(dtype: torch.dtype, device: torch.device, repeats: int) -> float:
+    """Median GFLOP/s of a 4096^3 matmul in ``dtype``: the machine's matrix rate."""
+    a = torch.randn(MATMUL_N, MATMUL_N, device=device).to(dtype)
+    samples = timed_alternately({"mm": lambda: a @ a}, repeats, device)["mm"]
     return 2 * MATMUL_N**3 / statistics.median(samples) / 1e9
 
 
-def peak_forward_memory(fn: Callable[[], object]) -> float:
-    """MiB of tensor memory live at the peak of one call, above what was live before it (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    current = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak / 2**20
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def timed_alternately(
-    fns: dict[str, Callable[[], object]], repeats: int, target_s: float = 0.3
+    fns: dict[str, Callable[[], object]], repeats: int, device: torch.device, target_s: float = 0.3
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, sampled in turn ``repeats`` times (each sample >= ``target_s``)."""
     inner = {}
     for name, fn in fns.items():
         start = time.perf_counter()
         fn()
+        synchronize(device)
         inner[name] = max(1, round(target_s / max(time.perf_counter() - start, 1e-6)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
@@ -128,64 +129,9 @@ def timed_alternately(
             start = time.perf_counter()
             for _ in range(inner[name]):
                 fn()
+            synchronize(device)
             samples[name].append((time.perf_counter() - start) / inner[name])
     return samples
-
-
-class PrototypeProbe(nn.Module):
-    """A model plus a nearest-prototype classifier on its pre-logit features: returns (features, logits).
-
-    Equivalent to the model with its classifier head(s) replaced by this linear layer (for distilled models
-    both heads get it, and the mean of the two equals the layer applied to the pre-logit mean). The model's
-    classifier is removed, so its own ``forward`` (the path the fast mode optimises) gives the features.
-    """
-
-    def __init__(self, model: nn.Module, classifier: nn.Linear) -> None:
-        super().__init__()
-        model.reset_classifier(0)
-        self.model, self.classifier = model, classifier
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model(x)
-        return features, self.classifier(features)
-
-
-def fixed_inputs(n: int, size: int) -> torch.Tensor:
-    """``n`` smooth synthetic images (bicubic-upsampled 14x14 noise), the same on every run."""
-    g = torch.Generator().manual_seed(1234)
-    return nn.functional.interpolate(torch.randn(n, 3, 14, 14, generator=g), size=size, mode="bicubic")
-
-
-def quality_check(model: nn.Module, n: int = 32) -> dict[str, float]:
-    """Fast mode against fp32 on ``n`` fixed inputs whose logits are well separated.
-
-    The classifier is fitted in closed form so that every input is its own class: row i is input i's fp32
-    pre-logit feature minus the mean feature, normalised (a nearest-prototype classifier). A random-init
-    network's 1000-way logits are near-ties, so top-1 agreement on them would measure noise, not the mode.
-    """
-    size = model.patch_embed.img_size[0]
-    x = fixed_inputs(n, size)
-    with torch.inference_mode():
-        ref_features = model.forward_head(model.forward_features(x), pre_logits=True)
-    centred = ref_features - ref_features.mean(0, keepdim=True)
-    classifier = nn.Linear(centred.shape[1], n)
-    with torch.no_grad():
-        classifier.weight.copy_(nn.functional.normalize(centred, dim=1))
-        classifier.bias.copy_(-classifier.weight @ ref_features.mean(0))
-    probe = PrototypeProbe(copy.deepcopy(model), classifier).eval()
-    with torch.inference_mode():
-        _, ref_logits = probe(x)
-    fast = optimize_for_inference(probe)
-    features, logits = fast(x)
-    top2 = ref_logits.topk(2, dim=1).values
-    return {
-        "dtype": str(fast.dtype).replace("torch.", ""),
-        "cosine_min": nn.functional.cosine_similarity(features.float(), ref_features, dim=1).min().item(),
-        "top1_agree": (logits.argmax(1) == ref_logits.argmax(1)).float().mean().item(),
-        "n": n,
-        "fp32_margin_min": ((top2[:, 0] - top2[:, 1]) / top2[:, 0].abs()).min().item(),
-        "fp32_self_class": (ref_logits.argmax(1) == torch.arange(n)).float().mean().item(),
-    }
 
 
 def executed_fraction(model: nn.Module) -> float:
@@ -224,130 +170,163 @@ def build_pair(name: str) -> tuple[nn.Module, nn.Module, float]:
     return ours, theirs, diff
 
 
-def run_mode(
-    mode: str, ours: nn.Module, theirs: nn.Module, batch: int, repeats: int
-) -> tuple[dict[str, float], torch.dtype]:
-    size = ours.patch_embed.img_size
-    x = torch.randn(batch, 3, *size)
-    start = time.perf_counter()
+def prepare(
+    mode: str, ours: nn.Module, theirs: nn.Module, device: torch.device
+) -> tuple[Callable[[torch.Tensor], object], Callable[[torch.Tensor], object], torch.dtype]:
+    """Our callable and timm's for ``mode`` (nothing compiled yet: compiling happens in the first call)."""
     if mode == "exact":
-        ours_fn_model, dtype = ours, torch.float32
-    else:
-        ours_fn_model = optimize_for_inference(ours, dtype=torch.float32 if mode == "fast-fp32" else None)
-        dtype = ours_fn_model.dtype
-    theirs_cast = theirs if dtype == torch.float32 else copy.deepcopy(theirs).to(dtype)
-    x_theirs = x.to(dtype)
+        return ours, theirs, torch.float32
+    fast = optimize_for_inference(ours, dtype=torch.float32 if mode == "fast-fp32" else None)
+    theirs = theirs if fast.dtype in (torch.float32, torch.qint8) else copy.deepcopy(theirs).to(fast.dtype)
+    # dynamic=False as the fast mode compiles: static shapes, one graph per batch size.
+    return fast, torch.compile(theirs, dynamic=False), fast.dtype
 
-    def run_ours() -> object:
-        with torch.inference_mode():
-            return ours_fn_model(x)
 
-    def run_theirs() -> object:
-        with torch.inference_mode():
-            return theirs_cast(x_theirs)
-
-    out = run_ours()  # the first call compiles in the fast modes: time to a ready model
-    ready_s = time.perf_counter() - start
+def run_row(
+    mode: str, ours: nn.Module, theirs: nn.Module, batch: int, repeats: int, device: torch.device
+) -> dict[str, float]:
+    torch.compiler.reset()  # each row compiles from scratch (inductor's on-disk caches stay, for both)
+    x = torch.randn(batch, 3, *ours.patch_embed.img_size, device=device)
+    ready = {}
+    start = time.perf_counter()
+    ours_fn, theirs_fn, dtype = prepare(mode, ours, theirs, device)
+    x_theirs = x.to(timm_dtype(dtype))
     with torch.inference_mode():
+        out = ours_fn(x)
+        synchronize(device)
+        ready["ours"] = time.perf_counter() - start
+        start = time.perf_counter()
+        theirs_fn(x_theirs)
+        synchronize(device)
+        ready["timm"] = time.perf_counter() - start
         drift = (out.float() - ours(x)).abs().max().item()  # against our eager fp32 model (0 in exact mode)
-    run_theirs()
-    # The matmul runs in the same rotation, so the rate it sets is the one the models saw (shared machine).
-    samples = timed_alternately({"ours": run_ours, "timm": run_theirs, "mm": matmul_fn(dtype)}, repeats)
+        samples = timed_alternately(
+            {"ours": lambda: ours_fn(x), "timm": lambda: theirs_fn(x_theirs)}, repeats, device
+        )
     med = {k: statistics.median(v) for k, v in samples.items()}
-    ratios = [t / o for o, t in zip(samples["ours"], samples["timm"])]
     return {
+        "dtype": dtype,
         "ours_s": med["ours"],
         "timm_s": med["timm"],
-        "speedup": statistics.median(ratios),
-        "ours_mb": peak_forward_memory(run_ours),
-        "timm_mb": peak_forward_memory(run_theirs),
-        "ready_s": ready_s,
-        "mm_gflops": 2 * MATMUL_N**3 / med["mm"] / 1e9,
+        "speedup": statistics.median(t / o for o, t in zip(samples["ours"], samples["timm"])),
+        "ours_ready": ready["ours"],
+        "timm_ready": ready["timm"],
         "drift": drift,
-    }, dtype
+    }
+
+
+def agreement_report(modes: list[str], device: torch.device, quick: bool) -> list[str]:
+    """Top-1 agreement with fp32 and accuracy of each numerics-changing dtype on a DeiT trained on digits."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        import agreement
+    except ImportError as err:  # scikit-learn is a test dependency, not the package's
+        return [f"# agreement skipped: {err} (pip install scikit-learn)"]
+    finally:
+        sys.path.pop(0)
+
+    model, info = agreement.train_digits_deit(**agreement.QUICK if quick else {})
+    model = model.to(device)
+    _, _, x_test, y_test = agreement.digits_images(size=model.patch_embed.img_size[0])
+    x_test, y_test = x_test.to(device), y_test.to(device)
+    dtypes = {mode_dtype(m, device) for m in modes if m != "exact"}
+    if device.type == "cpu":
+        dtypes |= {torch.qint8, torch.bfloat16}  # both CPU trades, whichever this CPU picks by default
+    lines = [
+        f"# agreement: a {info['params'] / 1e6:.2f}M-parameter DeiT trained on scikit-learn's digits "
+        f"({info['epochs']} epochs, {info['train_seconds']:.0f} s), {len(y_test)} held-out images:"
+    ]
+    for dtype in sorted(dtypes, key=str):
+        fast = optimize_for_inference(model, dtype=dtype, compile=False)
+        r = agreement.agreement(model, fast, x_test, y_test)
+        lines.append(
+            f"#   {dtype_name(dtype):8} (eager): top-1 agreement with fp32 {100 * r['top1_agreement']:.2f}%, "
+            f"accuracy {100 * r['accuracy']:.2f}% (fp32 {100 * r['reference_accuracy']:.2f}%), max |logit "
+            f"diff| {r['max_abs_logit_diff']:.1e}"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--variants",
-        nargs="+",
-        default=["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_small_distilled_patch16_224"],
-    )
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["exact", "fast"])
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="samples per measurement (medians are reported)"
-    )
+    parser.add_argument("--repeats", type=int, default=3, help="samples per measurement (medians reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--no-quality", action="store_true", help="skip the fast mode's accuracy check")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--no-agreement", action="store_true", help="skip the trained-model agreement check")
+    parser.add_argument("--quick-agreement", action="store_true", help="train the agreement model briefly")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(
-        f"# {datetime.date.today()}  torch {torch.__version__}  {cpu_name()}  threads={torch.get_num_threads()}"
-    )
+    started = time.perf_counter()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(f"# {datetime.date.today()}  torch {torch.__version__}  {where}  threads={torch.get_num_threads()}")
     print(f"# CPU features: {cpu_features()}")
-    if "fast" in args.modes and mode_dtype("fast") == torch.float32:
-        print(
-            "# no native bf16 here: the fast mode runs (and is compared with timm) in float32; bf16 not timed"
+    skipped = []
+    if device.type == "cpu" and pick_dtype(device) is not torch.bfloat16:
+        skipped.append(
+            "bf16 rows: no native bf16 on this CPU (the fast mode runs dynamic int8 linears here, or fp32 "
+            "without x86 int8 kernels; emulated bf16 would only be slower)"
         )
-    # Only the dtypes the chosen modes run in: an emulated bf16 matmul alone can take minutes.
-    dtypes = sorted({mode_dtype(m) for m in args.modes}, key=str)
-    rates = {dt: matmul_rate(dt, args.repeats) for dt in dtypes}
+    modes = args.modes
+    if any(m != "exact" for m in modes) and not compiler_available(device):
+        skipped.append(f"timm compiled rows: no torch.compile backend for {device.type} here")
+        modes = [m for m in modes if m == "exact"]
+    dtypes = sorted({timm_dtype(mode_dtype(m, device)) for m in modes}, key=str)
+    rates = {dt: matmul_rate(dt, device, args.repeats) for dt in dtypes}
     print(
         "# matmul 4096^3: "
-        + ", ".join(f"{str(dt).replace('torch.', '')} {rate:.0f} GFLOP/s" for dt, rate in rates.items())
-        + f" (median of {args.repeats})"
+        + ", ".join(f"{dtype_name(dt)} {rate:.0f} GFLOP/s" for dt, rate in rates.items())
+        + "; fast: optimize_for_inference(model) picks "
+        + dtype_name(pick_dtype(device))
     )
-    header = (
-        f"{'variant':34} {'mode':9} {'bs':>3} | {'ours im/s':>9} {'timm im/s':>9} {'speedup':>7} | "
-        f"{'ours ms':>8} {'timm ms':>8} | {'ours MiB':>8} {'timm MiB':>8} | {'ours %mm':>8} {'timm %mm':>8} | "
-        f"{'mm GF/s':>7} {'ready s':>7} {'diff fp32':>9}"
+    print(
+        f"{'variant':34} {'mode':9} {'dtype':8} {'bs':>3} | {'ours im/s':>9} {'timm im/s':>9} {'speedup':>7} | "
+        f"{'ours ms':>8} {'timm ms':>8} | {'ours %mm':>8} {'timm %mm':>8} | {'ours ready s':>12} "
+        f"{'timm ready s':>12} | {'diff fp32':>9}   (timm: eager for exact, torch.compile otherwise)"
     )
-    print(header)
-    quality_lines, notes = [], []
+    notes = []
     for name in args.variants:
         ours, theirs, diff = build_pair(name)
+        ours, theirs = ours.to(device), theirs.to(device)
+        notes.append(f"# {name}: fp32 parity with timm's model, max abs diff {diff:.1e}")
         gflop = 2 * VARIANTS[name].gmacs
-        fraction = 1.0
-        if any(mode != "exact" for mode in args.modes):
-            fraction = executed_fraction(ours)
-            notes.append(
-                f"# {name}: the fast modes execute {100 * fraction:.1f}% of its {gflop:.2f} GFLOP per image; "
-                f"their 'ours %mm' counts executed FLOPs (on the model's FLOPs it would be {1 / fraction:.3f}x)"
-            )
-        for mode in args.modes:
+        fraction = executed_fraction(ours.cpu()) if any(m != "exact" for m in modes) else 1.0
+        ours.to(device)
+        for mode in modes:
             for batch in args.batch_sizes:
-                r, dtype = run_mode(mode, ours, theirs, batch, args.repeats)
-                rate = r["mm_gflops"]
+                r = run_row(mode, ours, theirs, batch, args.repeats, device)
+                rate = rates[timm_dtype(mode_dtype(mode, device))]
                 executed = {"ours": gflop * (1.0 if mode == "exact" else fraction), "timm": gflop}
                 pct = {k: 100 * executed[k] * batch / r[f"{k}_s"] / rate for k in ("ours", "timm")}
                 print(
-                    f"{name:34} {mode:9} {batch:>3} | {batch / r['ours_s']:9.1f} {batch / r['timm_s']:9.1f} "
-                    f"{r['speedup']:6.2f}x | {1e3 * r['ours_s']:8.1f} {1e3 * r['timm_s']:8.1f} | "
-                    f"{r['ours_mb']:8.1f} {r['timm_mb']:8.1f} | {pct['ours']:7.0f}% {pct['timm']:7.0f}% | "
-                    f"{rate:7.0f} {r['ready_s']:7.1f} {r['drift']:9.1e}",
+                    f"{name:34} {mode:9} {dtype_name(r['dtype']):8} {batch:>3} | {batch / r['ours_s']:9.1f} "
+                    f"{batch / r['timm_s']:9.1f} {r['speedup']:6.2f}x | {1e3 * r['ours_s']:8.1f} "
+                    f"{1e3 * r['timm_s']:8.1f} | {pct['ours']:7.0f}% {pct['timm']:7.0f}% | "
+                    f"{r['ours_ready']:12.2f} {r['timm_ready']:12.2f} | {r['drift']:9.1e}",
                     flush=True,
                 )
-        if "fast" in args.modes and not args.no_quality:
-            q = quality_check(ours)
-            quality_lines.append(
-                f"{name:34} fast ({q['dtype']}) vs fp32 on {q['n']} fixed inputs: pre-logit cosine min "
-                f"{q['cosine_min']:.5f}, top-1 agreement {100 * q['top1_agree']:.0f}% (fp32 top-1 = own class "
-                f"{100 * q['fp32_self_class']:.0f}%, min relative margin {q['fp32_margin_min']:.2f}); "
-                f"fp32 parity with timm: max abs diff {diff:.1e}"
-            )
-    for line in quality_lines + notes:
+    lines = notes
+    if not args.no_agreement and any(m != "exact" for m in modes):
+        lines += agreement_report(modes, device, args.quick_agreement)
+    elif args.no_agreement:
+        skipped.append("agreement on a trained model: --no-agreement")
+    for line in lines:
         print(line)
+    for reason in skipped:
+        print(f"# skipped: {reason}")
     print(
-        "# speedup = timm time / ours (median of per-repeat ratios); %mm = achieved GFLOP/s / the rate of a "
-        "4096^3 matmul in the mode's dtype timed in the same rotation (mm GF/s); ready = seconds to the first "
-        "output (compile included); diff fp32 = max abs difference of our logits from our eager fp32 model's"
+        "# speedup = timm time / ours (median of per-repeat ratios); %mm = achieved GFLOP/s (executed FLOPs: the "
+        "fast copy skips part of the last block) / the 4096^3 matmul rate in timm's dtype; ready = seconds "
+        "from the model to the first output, compiling included; diff fp32 = max abs difference of our "
+        f"logits from our eager fp32 model's; total {time.perf_counter() - started:.0f} s"
     )
 
 

@@ -6,37 +6,42 @@
     from deit_registry.fast import optimize_for_inference
 
     model = dr.create_model("deit_small_distilled_patch16_224", pretrained=True).eval()
-    fast = optimize_for_inference(model)          # bf16 weights + torch.compile (inductor, frozen weights)
-    logits = fast(images)                         # float32 in, float32 out; first call compiles (slow on small CPUs)
+    fast = optimize_for_inference(model)          # the fastest trade this device has (see pick_dtype)
+    logits = fast(images)                         # float32 in, float32 out
+    exactish = optimize_for_inference(model, dtype=torch.float32)  # compiled fp32: rounding-level changes only
 
-What it trades (the default model is untouched and stays exact fp32):
+What each device gets by default (:func:`pick_dtype`; the original model is untouched and stays exact fp32):
 
-* **Precision.** Weights and activations run in bfloat16 (fp16 on CUDA devices without bf16). Pre-logit
-  features stay at cosine similarity >= 0.999 to fp32 and top-1 classes agree where logits are well
-  separated (``benchmarks/inference.py`` reports both), but logits differ from fp32 in the second or third
-  significant digit, so near-ties can flip. Pass ``dtype=torch.float32`` to keep fp32.
-* **Start-up time.** With ``compile`` the first call per input shape compiles the model (tens of seconds to
-  minutes on a small CPU); later calls reuse it. Inductor's on-disk cache makes later processes faster.
-* **Flexibility.** Inference only: it runs under ``torch.inference_mode()``, the weights are frozen into the
-  compiled graph (later edits to the original model's parameters are not seen), and each new input shape
-  compiles again (``dynamic=False``: batch sizes you use should be few; a process holds up to
-  ``_RECOMPILE_LIMIT`` = 64 compiled graphs across all fast models).
+* **CPUs with native bf16** (AVX512-BF16 / AMX) **and GPUs:** bf16 (fp16 on GPUs without bf16) weights and
+  activations, compiled with ``torch.compile``. Logits differ from fp32 in the second or third significant
+  digit, so near-ties can flip.
+* **CPUs without native bf16** (emulated bf16 is slower than fp32): ``torch.qint8``, i.e. every linear layer in
+  dynamic int8 (int8 weights with a scale per output channel; each layer's input quantized per call with one
+  scale for the whole batch, so an image's logits can move slightly with its batch mates) and everything
+  else fp32, run eagerly: no compile, so the first call is as quick as any other. Arm CPUs (no x86 int8
+  kernels in torch) get compiled fp32.
 
-How, on CPU: bf16 weights; inductor with weight freezing, so the linears run as pre-packed oneDNN kernels
-with bias, GELU and the residual add fused; the C++ wrapper; and attention as two batched matmuls around a
-softmax (``Attention.fused_attn = False``), which measured faster here than the fused
-``scaled_dot_product_attention`` CPU kernel in half precision. On CUDA the fused attention kernels stay. To
+``benchmarks/inference.py`` reports each trade's top-1 agreement with fp32 on a trained model. What else is
+traded: **start-up time** for the compiled dtypes (the first call per input shape compiles; later calls and,
+through inductor's caches, later processes are faster) and **flexibility** (inference only, under
+``torch.inference_mode()``; the weights are copied, so later edits to the original model are not seen; each
+new input shape compiles again, ``dynamic=False``, up to ``_RECOMPILE_LIMIT`` = 64 graphs per process).
+
+How, on CPU, when compiling: inductor with weight freezing, so the linears run as pre-packed oneDNN/MKL
+kernels with bias, GELU and the residual add fused; the C++ wrapper; and in half precision attention as two
+batched matmuls around a softmax (``Attention.fused_attn = False``), faster there than the fused
+``scaled_dot_product_attention`` CPU kernel. In fp32, int8 and on CUDA the fused attention kernels stay. To
 override the choice, set ``fused_attn`` on ``fast.model``'s attention modules before the first call.
 
 The copy's blocks run an inference-only forward of their own (:class:`InferenceBlock`, the same modules and
 weights): GELU overwrites fc1's output in place (one large buffer fewer per block in eager mode), and when the
-head reads only the class (and distillation) tokens the last block computes its queries, projection and MLP
+head reads only the class (and distillation) tokens the last block computes attention, projection and MLP
 for those tokens alone (keys and values for all): the same outputs up to rounding, less compute. The copy's
 ``forward_features`` therefore returns the prefix tokens only, and forward hooks on the copy's last block see
-those tokens only; the original model is untouched.
+those tokens only.
 
-Where a piece is missing it falls back and says so with a warning: no bf16 support -> float32; no C++
-compiler (CPU) or Triton (CUDA), a compile that fails, or too many compiled graphs -> eager execution;
+Where a piece is missing it falls back and says so with a warning: torch without its int8 flow -> float32;
+no C++ compiler (CPU) or Triton (CUDA), a compile that fails, or too many compiled graphs -> eager execution;
 torch's compiler internals moved (see :func:`_compiler_internals`) -> compiling without weight freezing.
 """
 
@@ -53,7 +58,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .architecture import Attention, Block, DeiT
@@ -66,19 +70,25 @@ __all__ = [
     "compiler_available",
 ]
 
-_ALLOWED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_ALLOWED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.qint8)
+
+# The quantized engines with x86 int8 kernels (FBGEMM / oneDNN); others (QNNPACK on Arm) keep fp32.
+_INT8_ENGINES = ("x86", "fbgemm", "onednn")
 
 
 def pick_dtype(device: torch.device) -> torch.dtype:
-    """The fastest dtype with native matrix support on ``device``.
+    """The fastest compute dtype on ``device``.
 
     CUDA: bfloat16 where supported (Ampere and later), else float16. CPU: bfloat16 when oneDNN has native
-    bf16 kernels (AVX512-BF16 / AMX); otherwise float32, since emulated bf16 is slower than fp32.
+    bf16 kernels (AVX512-BF16 / AMX); otherwise ``torch.qint8`` (dynamic int8 linear layers, the rest fp32)
+    where torch has x86 int8 kernels, since emulated bf16 is slower than fp32; float32 elsewhere.
     """
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
-        return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+        if _cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.qint8 if torch.backends.quantized.engine in _INT8_ENGINES else torch.float32
     return torch.float32
 
 
@@ -162,14 +172,16 @@ class FastInferenceModel(nn.Module):
 
     Inputs are moved to the model's device and cast to its dtype; floating-point outputs (tensors, tuples,
     lists, dicts) come back in the input's floating dtype, so it replaces the fp32 model in existing code.
-    ``model`` is the converted copy, ``dtype`` the compute dtype and ``compiled`` whether calls go through
-    ``torch.compile`` (it turns False if compiling fails).
+    ``model`` is the converted copy, ``dtype`` the compute dtype (``torch.qint8``: int8 linear layers, fp32
+    activations) and ``compiled`` whether calls go through ``torch.compile`` (it turns False if compiling
+    fails).
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype, compiled: Any | None) -> None:
         super().__init__()
         self.model = model
         self.dtype = dtype
+        self.input_dtype = torch.float32 if dtype is torch.qint8 else dtype
         self.device = _model_device(model)
         # Kept out of the module tree: the compiled wrapper holds ``model`` again (one copy of the weights in
         # state_dict and repr).
@@ -184,7 +196,7 @@ class FastInferenceModel(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         out_dtype = x.dtype if x.is_floating_point() else torch.float32
-        x = x.to(device=self.device, dtype=self.dtype if x.is_floating_point() else x.dtype)
+        x = x.to(device=self.device, dtype=self.input_dtype if x.is_floating_point() else x.dtype)
         with torch.inference_mode():
             if self._compiled is not None:
                 key = _input_key(x, args, kwargs)
@@ -247,7 +259,7 @@ def _choose_attention(model: nn.Module, device: torch.device, dtype: torch.dtype
     kernel at DeiT's sequence lengths (``benchmarks/`` has the figures); in fp32 the two are level, and on
     CUDA the fused flash / memory-efficient kernels win, so those keep it. Modules without a ``fused_attn`` switch are left alone.
     """
-    _set_switch(model, "fused_attn", device.type != "cpu" or dtype == torch.float32)
+    _set_switch(model, "fused_attn", device.type != "cpu" or dtype in (torch.float32, torch.qint8))
 
 
 def _set_switch(model: nn.Module, name: str, value: bool) -> None:
@@ -294,15 +306,14 @@ class InferenceBlock(nn.Module):
 
 
 def _leading_queries(attn: Attention, x: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """``attn`` for the first ``num_queries`` tokens as queries: the q rows of the fused projection for those
-    tokens, the k and v rows for all."""
+    """``attn`` for the first ``num_queries`` tokens as queries, every token as a key and a value.
+
+    The fused projection runs for all tokens (slicing its weight would not survive int8 quantization, and
+    the queries of the other tokens cost a small share of one block)."""
     b, n, c = x.shape
-    w, bias = attn.qkv.weight, attn.qkv.bias
-    q = F.linear(x[:, :num_queries], w[:c], None if bias is None else bias[:c])
-    q = q.reshape(b, num_queries, attn.num_heads, attn.head_dim).transpose(1, 2)
-    kv = F.linear(x, w[c:], None if bias is None else bias[c:])
-    k, v = kv.reshape(b, n, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    out = attn.attend(q, k, v).transpose(1, 2).reshape(b, num_queries, c)
+    qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    out = attn.attend(q[:, :, :num_queries], k, v).transpose(1, 2).reshape(b, num_queries, c)
     return attn.proj_drop(attn.proj(out))
 
 
@@ -316,6 +327,35 @@ def _use_inference_blocks(model: nn.Module) -> None:
             if type(block) is Block:
                 queries = deit.num_prefix_tokens if prefix_only and i == last else None
                 deit.blocks[i] = InferenceBlock(block, queries)
+
+
+def _quantize_linears(model: nn.Module) -> bool:
+    """Replace ``model``'s ``nn.Linear`` layers, in place, by dynamic int8 ones; False (with a warning) if
+    this torch cannot.
+
+    Weights become int8 with one scale per output channel; each call quantizes a layer's input with one scale
+    for the whole input tensor (so an image's result can move slightly with its batch mates) and runs
+    FBGEMM / oneDNN int8 kernels; everything else stays fp32. ``torch.ao.quantization.quantize_dynamic`` is
+    the one eager int8 flow with CPU kernels (torchao's int8 path needs ``torch.compile`` to reach them), but
+    torch has deprecated it in favour of torchao: this is the one place that calls it, quiets its deprecation
+    warnings and, once a release drops it, falls back to fp32 with a warning.
+    """
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+            warnings.filterwarnings("ignore", message=r"torch\.quantize_per_\w+.* are deprecated")
+            quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, torch.qint8, inplace=True)
+    except (ImportError, AttributeError, RuntimeError) as err:
+        warnings.warn(
+            f"torch {torch.__version__} cannot quantize linear layers to int8 here ({type(err).__name__}: "
+            f"{err}); running in float32 instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def _compile(model: nn.Module, device: torch.device) -> Any:
@@ -365,11 +405,14 @@ def optimize_for_inference(
     Args:
         model: any module, typically a :class:`deit_registry.DeiT`; it is deep-copied, put in eval mode and
             cast to ``dtype`` on its current device.
-        dtype: compute dtype; ``None`` picks the fastest one with native support (:func:`pick_dtype`:
-            bfloat16 on CPUs with AVX512-BF16/AMX and recent GPUs, float16 on older GPUs, else float32).
+        dtype: compute dtype; ``None`` picks the fastest trade for the device (:func:`pick_dtype`:
+            bfloat16 on CPUs with AVX512-BF16/AMX and recent GPUs, float16 on older GPUs, ``torch.qint8`` on
+            other x86 CPUs, else float32). ``torch.qint8`` (CPU only): dynamic int8 linear layers, the rest
+            fp32.
         compile: ``torch.compile`` it with inductor and frozen weights; ``None`` compiles when a compiler is
-            available for the device (:func:`compiler_available`), ``False`` never, ``True`` always (falling
-            back to eager with a warning if compilation fails).
+            available for the device (:func:`compiler_available`) and the dtype is not ``torch.qint8``
+            (compiling around the int8 layers is slower than running them eagerly), ``False`` never, ``True``
+            always (falling back to eager with a warning if compilation fails).
 
     On CUDA the half dtypes make ``scaled_dot_product_attention`` pick its fused flash / memory-efficient
     kernels. See the module docstring for what this mode trades.
@@ -387,15 +430,23 @@ def optimize_for_inference(
             RuntimeWarning,
             stacklevel=2,
         )
-    converted = copy.deepcopy(model).eval().to(dtype)
+    elif dtype is torch.qint8 and device.type != "cpu":
+        raise ValueError(f"dtype=torch.qint8 runs on the CPU only; the model is on {device}")
+    converted = copy.deepcopy(model).eval()
     for p in converted.parameters():
         p.requires_grad_(False)
-    _choose_attention(converted, device, dtype)
     _use_inference_blocks(converted)
+    if dtype is torch.qint8 and not _quantize_linears(converted):
+        dtype = torch.float32
+    if dtype is not torch.qint8:
+        converted.to(dtype)
+    _choose_attention(converted, device, dtype)
     compiled = None
     if compile is None:
-        compile = compiler_available(device)
-        if not compile:
+        # int8: the quantized linears are opaque to the compiler, and compiling around them measured slower
+        # than running the model eagerly.
+        compile = dtype is not torch.qint8 and compiler_available(device)
+        if not compile and dtype is not torch.qint8:
             warnings.warn(
                 f"no torch.compile backend for {device.type} here (C++ compiler or Triton missing); running "
                 f"eagerly in {dtype}",

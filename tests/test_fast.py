@@ -91,21 +91,21 @@ NATIVE_BF16 = fast.pick_dtype(torch.device("cpu")) is torch.bfloat16  # the pack
 
 
 @pytest.mark.slow  # compiles with inductor and the C++ wrapper: about a minute on 2 CPU cores
-@pytest.mark.parametrize("bf16", ["probed", "forced-off"])
-def test_default_call_compiles_and_stays_close_to_fp32(bf16, monkeypatch):
-    """The documented call picks the dtype with the package's probe and compiles. ``forced-off`` runs the
-    no-bf16 path even on a CPU with native bf16 (where ``probed`` takes the bf16 path)."""
+@pytest.mark.parametrize("call", ["default", "fp32"])
+def test_compiled_calls_stay_close_to_fp32(call):
+    """The documented call compiles where it picks a float dtype (bf16 on CPUs with native bf16; int8 runs
+    eagerly), and ``dtype=torch.float32`` always compiles: the generated code runs pre-packed linears."""
     if not fast.compiler_available(torch.device("cpu")):
         pytest.skip("needs a C++ compiler for torch.compile's CPU backend")
-    if bf16 == "forced-off":
-        if not NATIVE_BF16:
-            pytest.skip("this CPU has no native bf16: the 'probed' case already ran the no-bf16 path")
-        monkeypatch.setattr(fast, "_cpu_has_native_bf16", lambda: False)
-    expected_dtype = torch.bfloat16 if NATIVE_BF16 and bf16 == "probed" else torch.float32
+    if call == "default" and not NATIVE_BF16:
+        pytest.skip(
+            "this CPU has no native bf16: the default call runs int8 eagerly (tested without compiling)"
+        )
+    expected_dtype = torch.bfloat16 if call == "default" else torch.float32
     model = small_deit()
     x = images()
     probe = Probe(model, x).eval()
-    fast_probe = fast.optimize_for_inference(probe)  # the documented call: picks dtype and compiles
+    fast_probe = fast.optimize_for_inference(probe, **({} if call == "default" else {"dtype": torch.float32}))
     assert fast_probe.compiled and fast_probe.dtype == expected_dtype
     from torch._inductor.utils import run_and_get_code
 
@@ -158,8 +158,8 @@ def explicit_attention_flops(model: nn.Module, x: torch.Tensor) -> int:
 
 @pytest.mark.parametrize("distilled", [False, True], ids=["plain", "distilled"])
 def test_fast_copy_runs_the_last_block_for_the_head_tokens_only(distilled):
-    """The last block computes queries, projection and MLP for the prefix tokens only; keys and values for
-    all tokens. Everything else is unchanged, and so are the outputs (fp32, up to rounding)."""
+    """The last block computes attention, projection and MLP for the prefix tokens only as queries; keys and
+    values for all tokens. Everything else is unchanged, and so are the outputs (fp32, up to rounding)."""
     model = small_deit(distilled)
     fast_model = fast.optimize_for_inference(model, dtype=torch.float32, compile=False)
     assert all(type(b) is fast.InferenceBlock for b in fast_model.model.blocks)
@@ -174,7 +174,7 @@ def test_fast_copy_runs_the_last_block_for_the_head_tokens_only(distilled):
     skipped = full - explicit_attention_flops(fast_model, x)
     d, p, hidden = model.embed_dim, model.num_prefix_tokens, model.blocks[0].mlp.fc1.out_features
     n = model.patch_embed.num_patches + p
-    macs = (n - p) * (d * d + d * d + 2 * d * hidden) + (n - p) * n * d * 2  # q, proj, MLP; QK^T, AV
+    macs = (n - p) * (d * d + 2 * d * hidden) + (n - p) * n * d * 2  # proj, MLP; QK^T, AV
     assert skipped == 2 * len(x) * macs
 
 
@@ -297,18 +297,81 @@ def test_compiler_detection_needs_a_cxx(monkeypatch):
     assert not fast.compiler_available(torch.device("cpu"))
 
 
-def test_no_bf16_support_falls_back_to_fp32(monkeypatch):
+def test_without_native_bf16_the_default_is_int8_or_fp32(monkeypatch):
+    """A CPU without native bf16 runs dynamic int8 linears where torch has x86 int8 kernels, else fp32."""
     monkeypatch.setattr(fast, "_cpu_has_native_bf16", lambda: False)  # the package's own probe
-    assert fast.pick_dtype(torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.backends.quantized, "engine", "x86")
+    assert fast.pick_dtype(torch.device("cpu")) == torch.qint8
+    if "qnnpack" in torch.backends.quantized.supported_engines:
+        monkeypatch.setattr(torch.backends.quantized, "engine", "qnnpack")  # Arm's engine: no int8 default
+        assert fast.pick_dtype(torch.device("cpu")) == torch.float32
+        model = small_deit()
+        fast_model = fast.optimize_for_inference(model, compile=False)
+        assert fast_model.dtype == torch.float32
+        x = images(2)
+        with torch.inference_mode():
+            # fp32 up to rounding (the last block's matmuls run on fewer rows)
+            torch.testing.assert_close(fast_model(x), model(x), rtol=0, atol=1e-5)
+    with pytest.warns(RuntimeWarning, match="no native bf16"):
+        fast.optimize_for_inference(small_deit(), dtype=torch.bfloat16, compile=False)
+
+
+def test_cuda_dtype_choice(monkeypatch):
+    """The CUDA branch of the dtype choice, without a GPU: bf16 where the GPU has it, else fp16."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert fast.pick_dtype(torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert fast.pick_dtype(torch.device("cuda")) == torch.float16
+
+
+def quantized_linears(model: nn.Module) -> list[nn.Module]:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    return [m for m in model.modules() if isinstance(m, DynamicLinear)]
+
+
+@pytest.mark.parametrize("distilled", [False, True], ids=["plain", "distilled"])
+def test_int8_linears_close_to_fp32(distilled):
+    """dtype=torch.qint8: every linear layer runs dynamic int8, eagerly; the rest stays
+    fp32, the original model is untouched, and no deprecation warning of torch's reaches the user."""
+    model = small_deit(distilled)
+    x = images()
+    probe = Probe(model, x).eval()
+    before = {k: v.clone() for k, v in probe.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast_probe = fast.optimize_for_inference(probe, dtype=torch.qint8)
+    assert fast_probe.dtype == torch.qint8 and not fast_probe.compiled
+    linears = [m for m in probe.modules() if isinstance(m, nn.Linear)]
+    assert len(quantized_linears(fast_probe)) == len(linears) == 4 * 2 + 1  # blocks, the probe's classifier
+    assert not any(isinstance(m, nn.Linear) for m in fast_probe.modules())
+    assert all(torch.equal(before[k], v) for k, v in probe.state_dict().items())
+    assert fast_probe.model.model.blocks[-1].num_queries == model.num_prefix_tokens
+    assert_close_to_fp32(probe, fast_probe, x)
+    features, _ = fast_probe(x)
+    with torch.inference_mode():
+        assert not torch.equal(features, probe(x)[0])  # it really ran in int8
+
+
+def test_int8_needs_the_cpu():
+    model = small_deit().to("meta")
+    with pytest.raises(ValueError, match="CPU only"):
+        fast.optimize_for_inference(model, dtype=torch.qint8)
+
+
+def test_int8_falls_back_to_fp32_when_torch_drops_its_flow(monkeypatch):
+    """torch has deprecated ``torch.ao.quantization``: the one function that calls it warns and the copy
+    stays fp32 once a release removes it."""
+    import torch.ao.quantization
+
+    monkeypatch.delattr(torch.ao.quantization, "quantize_dynamic")
     model = small_deit()
-    fast_model = fast.optimize_for_inference(model, compile=False)
-    assert fast_model.dtype == torch.float32
+    with pytest.warns(RuntimeWarning, match="cannot quantize linear layers to int8"):
+        fast_model = fast.optimize_for_inference(model, dtype=torch.qint8, compile=False)
+    assert fast_model.dtype == torch.float32 and not quantized_linears(fast_model)
     x = images(2)
     with torch.inference_mode():
-        # fp32 up to rounding (the last block's matmuls run on fewer rows)
         torch.testing.assert_close(fast_model(x), model(x), rtol=0, atol=1e-5)
-    with pytest.warns(RuntimeWarning, match="no native bf16"):
-        fast.optimize_for_inference(model, dtype=torch.bfloat16, compile=False)
 
 
 def test_bf16_probe_follows_onednn(monkeypatch):
