@@ -183,6 +183,7 @@ class FastInferenceModel(nn.Module):
         self.dtype = dtype
         self.input_dtype = torch.float32 if dtype is torch.qint8 else dtype
         self.device = _model_device(model)
+        self._chunk_shape = _chunk_shape(model) if self.device.type == "cpu" else None
         # Kept out of the module tree: the compiled wrapper holds ``model`` again (one copy of the weights in
         # state_dict and repr).
         self.__dict__["_compiled"] = compiled
@@ -226,12 +227,51 @@ class FastInferenceModel(nn.Module):
                     )
                     self.__dict__["_compiled"] = None
                     out = self.model(x, *args, **kwargs)
+            elif self._chunk_shape is not None and not (args or kwargs) and x.dim() == 4:
+                out = _concat([self.model(chunk) for chunk in x.split(_images_per_chunk(x, *self._chunk_shape))])
             else:
                 out = self.model(x, *args, **kwargs)
         return _cast_floats(out, out_dtype)
 
     def extra_repr(self) -> str:
         return f"dtype={self.dtype}, device={self.device}, compiled={self.compiled}"
+
+
+# glibc serves blocks above 32 MiB (its highest mmap threshold) straight from the kernel and returns them on
+# free, so an activation that large is page-faulted anew on every call (a GELU costs several times its
+# in-place version). Eager CPU runs therefore take the batch in chunks whose largest activation, the MLP's
+# hidden layer, stays well below that; compiled graphs keep whole batches (each chunk size would compile).
+_CHUNK_BYTES = 16 * 2**20
+
+
+def _chunk_shape(model: nn.Module) -> tuple[int, int, int] | None:
+    """(MLP hidden width, pixels per patch, prefix tokens) of the one DeiT in ``model``; None if not one."""
+    deits = [m for m in model.modules() if isinstance(m, DeiT)]
+    if len(deits) != 1 or not len(deits[0].blocks):
+        return None
+    deit = deits[0]
+    hidden = max(block.mlp.fc1.out_features for block in deit.blocks)
+    ph, pw = deit.patch_embed.patch_size
+    return hidden, ph * pw, deit.num_prefix_tokens
+
+
+def _images_per_chunk(x: torch.Tensor, hidden: int, patch_pixels: int, prefix: int) -> int:
+    tokens = x.shape[-2] * x.shape[-1] // patch_pixels + prefix
+    return max(1, _CHUNK_BYTES // (tokens * hidden * 4))
+
+
+def _concat(parts: list[Any]) -> Any:
+    """The chunks' outputs joined along the batch: tensors, and tuples, lists and dicts of them."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat(list(items)) for items in zip(*parts))
+    if isinstance(first, dict):
+        return {k: _concat([part[k] for part in parts]) for k in first}
+    raise TypeError(f"cannot join the batch chunks' outputs of type {type(first).__name__}")
 
 
 def _input_key(x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:

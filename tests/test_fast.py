@@ -422,3 +422,29 @@ def test_input_errors_still_reach_the_user():
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         fast.optimize_for_inference(small_deit(), **kwargs)
+
+
+def test_eager_cpu_runs_take_large_batches_in_chunks(monkeypatch):
+    """Eager CPU runs split the batch so that no activation reaches glibc's mmap sizes; the joined outputs
+    (tensors and tuples of them) are the whole batch's, in order."""
+    model = small_deit()
+    x = images(5)
+    probe = Probe(model, x).eval()
+    fast_probe = fast.optimize_for_inference(probe, dtype=torch.float32, compile=False)
+    hidden, patch_pixels, prefix = fast_probe._chunk_shape
+    assert (hidden, patch_pixels, prefix) == (4 * 96, 16 * 16, 2)
+    per_image = (64 * 64 // patch_pixels + prefix) * hidden * 4
+    monkeypatch.setattr(fast, "_CHUNK_BYTES", 2 * per_image)  # chunks of 2, 2 and 1 images
+    assert fast._images_per_chunk(x, hidden, patch_pixels, prefix) == 2
+    calls = []
+    handle = fast_probe.model.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+    features, logits = fast_probe(x)
+    handle.remove()
+    assert calls == [2, 2, 1]
+    with torch.inference_mode():
+        ref_features, ref_logits = probe(x)
+    torch.testing.assert_close(features, ref_features, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
+    assert fast._concat([{"a": torch.ones(1)}, {"a": torch.zeros(2)}])["a"].tolist() == [1, 0, 0]
+    with pytest.raises(TypeError, match="cannot join"):
+        fast._concat([1, 2])
