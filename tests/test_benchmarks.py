@@ -44,6 +44,23 @@ def test_inference_benchmark_runs(capsys):
     assert " exact " in row and row.rstrip().endswith("0.0e+00")  # exact mode: our logits are eager fp32's
 
 
+@pytest.mark.slow  # compiles timm's model and trains the agreement model
+def test_inference_benchmark_fast_mode_against_timm_compiled(capsys):
+    pytest.importorskip("timm")
+    pytest.importorskip("sklearn")
+    inference = load_script("inference")
+    torch.manual_seed(0)
+    args = ["--variants", "deit_tiny_patch16_224", "--batch-sizes", "1", "--modes", "fast", "--repeats", "1"]
+    inference.main(args + ["--quick-agreement"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("deit_tiny_patch16_224"))
+    picked = inference.dtype_name(inference.pick_dtype(torch.device("cpu")))
+    assert f" fast      {picked} " in row
+    assert "# CPU features: AVX2 " in out and "top-1 agreement with fp32" in out
+    for dtype in ("qint8", "bfloat16"):  # both CPU trades are reported, whichever this CPU picks
+        assert f"#   {dtype} " in out
+
+
 def test_inference_benchmark_counts_the_fast_modes_executed_flops():
     """The fast copy skips the last block's patch-token work: its %mm must count what it runs, not more."""
     inference = load_script("inference")

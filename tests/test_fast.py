@@ -51,14 +51,16 @@ class Probe(nn.Module):
         return features, self.classifier(features)
 
 
-def assert_close_to_fp32(probe: Probe, fast_probe: nn.Module, x: torch.Tensor) -> None:
+def assert_close_to_fp32(
+    probe: Probe, fast_probe: nn.Module, x: torch.Tensor, min_cosine: float = 0.999
+) -> None:
     with torch.inference_mode():
         ref_features, ref_logits = probe(x)
     features, logits = fast_probe(x)
     assert features.dtype == logits.dtype == torch.float32  # cast back to the input's dtype
     assert (ref_logits.argmax(1) == torch.arange(len(x))).all()  # the check below is meaningful
     cosine = nn.functional.cosine_similarity(features, ref_features, dim=1)
-    assert cosine.min() >= 0.999
+    assert cosine.min() >= min_cosine
     assert torch.equal(logits.argmax(1), ref_logits.argmax(1))
     if fast_probe.dtype != torch.float32:
         assert not torch.equal(features, ref_features)  # it really ran in reduced precision
@@ -347,7 +349,7 @@ def test_int8_linears_close_to_fp32(distilled):
     assert not any(isinstance(m, nn.Linear) for m in fast_probe.modules())
     assert all(torch.equal(before[k], v) for k, v in probe.state_dict().items())
     assert fast_probe.model.model.blocks[-1].num_queries == model.num_prefix_tokens
-    assert_close_to_fp32(probe, fast_probe, x)
+    assert_close_to_fp32(probe, fast_probe, x, min_cosine=0.998)  # int8 activations: coarser than bf16
     features, _ = fast_probe(x)
     with torch.inference_mode():
         assert not torch.equal(features, probe(x)[0])  # it really ran in int8
