@@ -67,3 +67,70 @@ def test_inference_benchmark_counts_the_fast_modes_executed_flops():
     model = dr.create_model("deit_tiny_patch16_224")
     assert 0.92 < inference.executed_fraction(model) < 0.94  # about 1/12 of the blocks' FLOPs, less k and v
     assert all(type(b) is Block for b in model.blocks)  # measured on copies
+
+
+@pytest.fixture(scope="module")
+def digits_deit():
+    """The agreement benchmark's quick setting, trained once for the tests below."""
+    pytest.importorskip("sklearn", reason="scikit-learn (the test extra) ships the digits dataset")
+    agreement = load_script("agreement")
+    model, info = agreement.train_digits_deit(**agreement.QUICK, seed=0)
+    return agreement, model, info
+
+
+def test_digits_images_split_is_fixed_stratified_and_normalised():
+    pytest.importorskip("sklearn", reason="scikit-learn (the test extra) ships the digits dataset")
+    agreement = load_script("agreement")
+    x_train, y_train, x_test, y_test = agreement.digits_images(size=16, seed=0)
+    assert (
+        x_train.shape[1:] == (3, 16, 16) and x_train.dtype == torch.float32 and y_train.dtype == torch.int64
+    )
+    assert len(x_train) + len(x_test) == 1797 and abs(len(x_test) / 1797 - 0.25) < 0.01
+    assert torch.bincount(y_test, minlength=10).min() >= 40  # stratified: every digit is in the test set
+    assert torch.equal(agreement.digits_images(size=16, seed=0)[3], y_test)  # the same split each call
+    assert not torch.equal(agreement.digits_images(size=16, seed=1)[3], y_test)
+    # A blank pixel (0) becomes ImageNet's normalised black in each channel.
+    black = torch.tensor([-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225])
+    assert torch.allclose(x_train[:, :, 0, 0].min(0).values, black, atol=1e-5)
+
+
+def test_digits_deit_quick_setting_learns(digits_deit):
+    agreement, model, info = digits_deit
+    assert type(model) is dr.DeiT and not model.training
+    assert info["epochs"] == agreement.QUICK["epochs"]
+    assert info["params"] == sum(p.numel() for p in model.parameters())
+    assert info["test_accuracy"] > 0.5  # chance is 0.1
+
+
+def test_agreement_of_a_model_with_itself_and_with_a_damaged_copy(digits_deit):
+    import copy
+
+    agreement, model, info = digits_deit
+    _, _, x_test, y_test = agreement.digits_images(size=agreement.QUICK["size"], seed=0)
+    same = agreement.agreement(model, model, x_test, y_test, batch_size=100)
+    assert same["n"] == len(y_test)
+    assert same["top1_agreement"] == 1.0 and same["max_abs_logit_diff"] == 0.0
+    assert same["accuracy"] == same["reference_accuracy"] == info["test_accuracy"]
+
+    damaged = copy.deepcopy(model)
+    with torch.no_grad():
+        weight = damaged.blocks[0].mlp.fc1.weight
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * weight.std() * 3)
+    result = agreement.agreement(model, damaged, x_test, y_test, batch_size=100)
+    assert result["reference_accuracy"] == info["test_accuracy"]
+    assert result["top1_agreement"] < 1.0 and result["max_abs_logit_diff"] > 0.0
+    with torch.inference_mode():
+        logits = torch.cat([damaged(xb) for xb in x_test.split(100)])
+        reference = torch.cat([model(xb) for xb in x_test.split(100)])
+    assert result["accuracy"] == int((logits.argmax(-1) == y_test).sum()) / len(y_test)
+    assert result["top1_agreement"] == int((logits.argmax(-1) == reference.argmax(-1)).sum()) / len(y_test)
+    assert result["accuracy"] != result["reference_accuracy"]  # the damage shows in the bookkeeping
+    # The candidate is cast to float32 before comparing: a bf16 copy still gets judged against fp32.
+    half = agreement.agreement(model, lambda x: model(x).bfloat16(), x_test, y_test)
+    assert 0.0 < half["max_abs_logit_diff"] < 0.1 and half["top1_agreement"] > 0.95
+
+
+def test_agreement_rejects_mismatched_inputs():
+    agreement = load_script("agreement")
+    with pytest.raises(ValueError, match="equal length"):
+        agreement.agreement(torch.nn.Identity(), torch.nn.Identity(), torch.zeros(3, 10), torch.zeros(2))
