@@ -228,7 +228,9 @@ class FastInferenceModel(nn.Module):
                     self.__dict__["_compiled"] = None
                     out = self.model(x, *args, **kwargs)
             elif self._chunk_shape is not None and not (args or kwargs) and x.dim() == 4:
-                out = _concat([self.model(chunk) for chunk in x.split(_images_per_chunk(x, *self._chunk_shape))])
+                out = _concat(
+                    [self.model(chunk) for chunk in x.split(_images_per_chunk(x, *self._chunk_shape))]
+                )
             else:
                 out = self.model(x, *args, **kwargs)
         return _cast_floats(out, out_dtype)
