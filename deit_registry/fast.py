@@ -8,7 +8,7 @@
     model = dr.create_model("deit_small_distilled_patch16_224", pretrained=True).eval()
     fast = optimize_for_inference(model)          # the fastest trade this device has (see pick_dtype)
     logits = fast(images)                         # float32 in, float32 out
-    exactish = optimize_for_inference(model, dtype=torch.float32)  # compiled fp32: rounding-level changes only
+    fp32_fast = optimize_for_inference(model, dtype=torch.float32)  # compiled fp32: rounding-level changes
 
 What each device gets by default (:func:`pick_dtype`; the original model is untouched and stays exact fp32):
 
@@ -228,9 +228,11 @@ class FastInferenceModel(nn.Module):
                     self.__dict__["_compiled"] = None
                     out = self.model(x, *args, **kwargs)
             elif self._chunk_shape is not None and not (args or kwargs) and x.dim() == 4:
-                out = _concat(
-                    [self.model(chunk) for chunk in x.split(_images_per_chunk(x, *self._chunk_shape))]
-                )
+                chunks = x.split(_images_per_chunk(x, *self._chunk_shape))
+                try:
+                    out = _concat([self.model(chunk) for chunk in chunks], [len(c) for c in chunks])
+                except _NotBatched:  # an output that is not batch-first: run the batch in one piece
+                    out = self.model(x)
             else:
                 out = self.model(x, *args, **kwargs)
         return _cast_floats(out, out_dtype)
@@ -262,18 +264,27 @@ def _images_per_chunk(x: torch.Tensor, hidden: int, patch_pixels: int, prefix: i
     return max(1, _CHUNK_BYTES // (tokens * hidden * 4))
 
 
-def _concat(parts: list[Any]) -> Any:
-    """The chunks' outputs joined along the batch: tensors, and tuples, lists and dicts of them."""
+class _NotBatched(Exception):
+    """A chunk's output is not split along the batch like its input."""
+
+
+def _concat(parts: list[Any], sizes: list[int]) -> Any:
+    """The chunks' outputs joined along the batch: tensors with ``sizes[i]`` rows in part ``i``, and tuples,
+    lists and dicts of them; other values must be equal in every part. Raises :class:`_NotBatched` otherwise."""
     first = parts[0]
     if len(parts) == 1:
         return first
     if isinstance(first, torch.Tensor):
+        if not all(isinstance(p, torch.Tensor) and p.dim() and len(p) == n for p, n in zip(parts, sizes)):
+            raise _NotBatched
         return torch.cat(parts)
-    if isinstance(first, (tuple, list)):
-        return type(first)(_concat(list(items)) for items in zip(*parts))
-    if isinstance(first, dict):
-        return {k: _concat([part[k] for part in parts]) for k in first}
-    raise TypeError(f"cannot join the batch chunks' outputs of type {type(first).__name__}")
+    if isinstance(first, (tuple, list)) and all(len(p) == len(first) for p in parts):
+        return type(first)(_concat(list(items), sizes) for items in zip(*parts))
+    if isinstance(first, dict) and all(p.keys() == first.keys() for p in parts):
+        return {k: _concat([part[k] for part in parts], sizes) for k in first}
+    if all(p is first or (not isinstance(p, torch.Tensor) and p == first) for p in parts):
+        return first
+    raise _NotBatched
 
 
 def _input_key(x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -446,7 +457,7 @@ def optimize_for_inference(
 
     Args:
         model: any module, typically a :class:`deit_registry.DeiT`; it is deep-copied, put in eval mode and
-            cast to ``dtype`` on its current device.
+            cast to ``dtype`` on its current device (``torch.qint8``: its linear layers quantized).
         dtype: compute dtype; ``None`` picks the fastest trade for the device (:func:`pick_dtype`:
             bfloat16 on CPUs with AVX512-BF16/AMX and recent GPUs, float16 on older GPUs, ``torch.qint8`` on
             other x86 CPUs, else float32). ``torch.qint8`` (CPU only): dynamic int8 linear layers, the rest

@@ -447,6 +447,27 @@ def test_eager_cpu_runs_take_large_batches_in_chunks(monkeypatch):
         ref_features, ref_logits = probe(x)
     torch.testing.assert_close(features, ref_features, rtol=0, atol=1e-5)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
-    assert fast._concat([{"a": torch.ones(1)}, {"a": torch.zeros(2)}])["a"].tolist() == [1, 0, 0]
-    with pytest.raises(TypeError, match="cannot join"):
-        fast._concat([1, 2])
+    joined = fast._concat([{"a": torch.ones(1), "n": None}, {"a": torch.zeros(2), "n": None}], [1, 2])
+    assert joined["a"].tolist() == [1, 0, 0] and joined["n"] is None
+
+
+class _NotBatchFirst(nn.Module):
+    """A wrapper whose output puts the batch second: chunking it must not join along the wrong axis."""
+
+    def __init__(self, model: DeiT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).t()
+
+
+def test_outputs_not_split_along_the_batch_run_in_one_piece(monkeypatch):
+    model = _NotBatchFirst(small_deit()).eval()
+    fast_model = fast.optimize_for_inference(model, dtype=torch.float32, compile=False)
+    monkeypatch.setattr(fast, "_CHUNK_BYTES", 1)  # one image per chunk
+    x = images(3)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast_model(x), model(x), rtol=0, atol=1e-5)
+    with pytest.raises(fast._NotBatched):
+        fast._concat([1, 2], [1, 1])
