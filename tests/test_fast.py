@@ -304,6 +304,10 @@ def test_without_native_bf16_the_default_is_int8_or_fp32(monkeypatch):
     monkeypatch.setattr(fast, "_cpu_has_native_bf16", lambda: False)  # the package's own probe
     monkeypatch.setattr(torch.backends.quantized, "engine", "x86")
     assert fast.pick_dtype(torch.device("cpu")) == torch.qint8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the documented call: no compile, nothing to warn about
+        default = fast.optimize_for_inference(small_deit())
+    assert default.dtype == torch.qint8 and not default.compiled and quantized_linears(default)
     if "qnnpack" in torch.backends.quantized.supported_engines:
         monkeypatch.setattr(torch.backends.quantized, "engine", "qnnpack")  # Arm's engine: no int8 default
         assert fast.pick_dtype(torch.device("cpu")) == torch.float32
