@@ -18,10 +18,10 @@ outputs are checked to agree). Modes, each a row per variant and batch size:
 * ``fast-fp32``: ``optimize_for_inference(model, dtype=torch.float32)`` against timm compiled in fp32.
 
 Ours and timm's run alternately in one process (the machine may be shared: only ratios within a run mean
-much); every figure is a median over ``--repeats`` samples. ``ready s`` is the time from the untouched model to
-the first output (compiling included). The modes that change numerics are then compared with fp32 on a small
-DeiT trained on scikit-learn's digits in the same run (``benchmarks/agreement.py``): random weights have no
-meaningful top-1.
+much); every figure is a median over ``--repeats`` samples, or up to five times as many where they take
+little time. ``ready s`` is the time from the untouched model to the first output (compiling included). The
+modes that change numerics are then compared with fp32 on a small DeiT trained on scikit-learn's digits in the
+same run (``benchmarks/agreement.py``): random weights have no meaningful top-1.
 """
 
 from __future__ import annotations
@@ -114,15 +114,23 @@ def synchronize(device: torch.device) -> None:
 
 
 def timed_alternately(
-    fns: dict[str, Callable[[], object]], repeats: int, device: torch.device, target_s: float = 0.3
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    device: torch.device,
+    target_s: float = 0.1,
+    budget_s: float = 3.0,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each function, sampled in turn ``repeats`` times (each sample >= ``target_s``)."""
-    inner = {}
+    """Seconds per call of each function, sampled in turn (each sample >= ``target_s``): ``repeats`` times, or
+    up to 5x as often while that fits in ``budget_s``, since the quick rows (batch 1) are the noisy ones."""
+    inner, per_call = {}, {}
     for name, fn in fns.items():
         start = time.perf_counter()
         fn()
         synchronize(device)
-        inner[name] = max(1, round(target_s / max(time.perf_counter() - start, 1e-6)))
+        per_call[name] = max(time.perf_counter() - start, 1e-6)
+        inner[name] = max(1, round(target_s / per_call[name]))
+    round_s = sum(inner[name] * per_call[name] for name in fns)
+    repeats = max(repeats, min(5 * repeats, int(budget_s / round_s)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():

@@ -27,9 +27,10 @@ through inductor's caches, later processes are faster) and **flexibility** (infe
 ``torch.inference_mode()``; the weights are copied, so later edits to the original model are not seen; each
 new input shape compiles again, ``dynamic=False``, up to ``_RECOMPILE_LIMIT`` = 64 graphs per process).
 
-How, on CPU, when compiling: inductor with weight freezing, so the linears run as pre-packed oneDNN/MKL
-kernels with bias, GELU and the residual add fused; the C++ wrapper; and in half precision attention as two
-batched matmuls around a softmax (``Attention.fused_attn = False``), faster there than the fused
+How, on CPU, when compiling: the C++ wrapper; in half precision, inductor with weight freezing, so the linears
+run as pre-packed oneDNN kernels with bias, GELU and the residual add fused (fp32 compiles without freezing:
+pre-packing did not make it faster, and frozen graphs are the ones inductor cannot cache across processes);
+and in half precision attention as two batched matmuls around a softmax (``Attention.fused_attn = False``), faster there than the fused
 ``scaled_dot_product_attention`` CPU kernel. In fp32, int8 and on CUDA the fused attention kernels stay. To
 override the choice, set ``fused_attn`` on ``fast.model``'s attention modules before the first call.
 
@@ -204,7 +205,7 @@ class FastInferenceModel(nn.Module):
                 settings = (
                     contextlib.nullcontext()
                     if key in self._compiled_inputs
-                    else _compile_settings(self.device)
+                    else _compile_settings(self.device, self.dtype)
                 )
                 try:
                     with settings:
@@ -421,13 +422,15 @@ def _compile(model: nn.Module, device: torch.device) -> Any:
 _RECOMPILE_LIMIT = 64
 
 
-def _compile_settings(device: torch.device) -> contextlib.ExitStack:
+def _compile_settings(device: torch.device, dtype: torch.dtype) -> contextlib.ExitStack:
     """Compiler settings for the compiles that happen inside this call only.
 
     * Weight freezing folds the constant weights into the graph, which on CPU lets inductor pre-pack them for
       oneDNN and fuse bias, GELU and the residual add into the matmuls (without it the compiled bf16 model
       spends a sizeable share of its time broadcasting biases into ``addmm`` outputs). It applies
-      only with grad disabled, which the wrapper guarantees.
+      only with grad disabled, which the wrapper guarantees. Not for fp32 on CPU: there pre-packing measured
+      no faster than MKL's ``addmm``, and pre-packed weights cannot be pickled, so inductor's on-disk cache
+      skips frozen graphs and every new process would compile from scratch (see :func:`_freezes`).
     * On CPU, the C++ wrapper calls the kernels from generated C++ instead of Python: lower batch-1 latency
       for the small variants (no change at large batches), for a few more seconds of compiling.
     * Dynamo's recompile limit is raised to ``_RECOMPILE_LIMIT`` entries, and hitting it raises instead of
@@ -440,12 +443,18 @@ def _compile_settings(device: torch.device) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     inductor_config = _compiler_internals().inductor_config
     if inductor_config is not None:
-        stack.enter_context(inductor_config.patch(freezing=True, cpp_wrapper=device.type == "cpu"))
+        cpu = device.type == "cpu"
+        stack.enter_context(inductor_config.patch(freezing=_freezes(device, dtype), cpp_wrapper=cpu))
     config = _compiler_internals().limit_config
     if config is not None:
         limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
         stack.enter_context(config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True))
     return stack
+
+
+def _freezes(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether compiles for ``device`` and ``dtype`` freeze the weights (everything but fp32 on CPU)."""
+    return device.type != "cpu" or dtype is not torch.float32
 
 
 def optimize_for_inference(
@@ -462,7 +471,7 @@ def optimize_for_inference(
             bfloat16 on CPUs with AVX512-BF16/AMX and recent GPUs, float16 on older GPUs, ``torch.qint8`` on
             other x86 CPUs, else float32). ``torch.qint8`` (CPU only): dynamic int8 linear layers, the rest
             fp32.
-        compile: ``torch.compile`` it with inductor and frozen weights; ``None`` compiles when a compiler is
+        compile: ``torch.compile`` it with inductor (weights frozen, except fp32 on CPU); ``None`` compiles when a compiler is
             available for the device (:func:`compiler_available`) and the dtype is not ``torch.qint8``
             (compiling around the int8 layers is slower than running them eagerly), ``False`` never, ``True``
             always (falling back to eager with a warning if compilation fails).

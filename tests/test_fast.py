@@ -92,11 +92,19 @@ def test_bf16_eager_close_to_fp32():
 NATIVE_BF16 = fast.pick_dtype(torch.device("cpu")) is torch.bfloat16  # the package's own probe
 
 
+def inductor_cache_artifacts() -> int:
+    """How many inductor graphs this process has saved to or loaded from inductor's on-disk cache (torch's
+    public cache-artifact API)."""
+    saved = torch.compiler.save_cache_artifacts()
+    return 0 if saved is None else len(saved[1].inductor_artifacts)
+
+
 @pytest.mark.slow  # compiles with inductor and the C++ wrapper: about a minute on 2 CPU cores
 @pytest.mark.parametrize("call", ["default", "fp32"])
 def test_compiled_calls_stay_close_to_fp32(call):
     """The documented call compiles where it picks a float dtype (bf16 on CPUs with native bf16; int8 runs
-    eagerly), and ``dtype=torch.float32`` always compiles: the generated code runs pre-packed linears."""
+    eagerly), and ``dtype=torch.float32`` always compiles: bf16 into pre-packed oneDNN linears, fp32 into a
+    graph that inductor's on-disk cache keeps for the next process (frozen, pre-packed graphs it cannot)."""
     if not fast.compiler_available(torch.device("cpu")):
         pytest.skip("needs a C++ compiler for torch.compile's CPU backend")
     if call == "default" and not NATIVE_BF16:
@@ -111,16 +119,18 @@ def test_compiled_calls_stay_close_to_fp32(call):
     assert fast_probe.compiled and fast_probe.dtype == expected_dtype
     from torch._inductor.utils import run_and_get_code
 
+    cached_before = inductor_cache_artifacts()
     # The first call compiles: keep the generated code to check what it calls.
     _, sources = run_and_get_code(assert_close_to_fp32, probe, fast_probe, x)
     assert fast_probe.compiled  # no silent fallback happened
     code = "\n".join(sources)
-    # The C++ wrapper (CPU) generated the calls, and weight freezing took effect: the linears run as
-    # pre-packed kernels (oneDNN in bf16, MKL in fp32), never as a plain addmm call.
-    assert 'extern "C"' in code
-    assert re.search(r"_linear_pointwise|_mkl_linear", code)
-    assert not re.search(r"aoti_torch_cpu_addmm|extern_kernels\.addmm", code)
-    if expected_dtype is torch.bfloat16:
+    assert 'extern "C"' in code  # the C++ wrapper (CPU) generated the calls
+    if expected_dtype is torch.float32:
+        # Not frozen: MKL's addmm with the weights as graph inputs, and the graph went to inductor's cache
+        # (saved or loaded: either way recorded), so a new process skips compiling it.
+        assert not re.search(r"_linear_pointwise|_mkl_linear", code)
+        assert inductor_cache_artifacts() > cached_before
+    else:
         # oneDNN kernels with bias and GELU fused, no addmm kernel at all; attention as two matmuls and a
         # softmax (faster here than the fused CPU kernel in bf16).
         assert "_linear_pointwise" in code and '"gelu"' in code and not re.search(r"addmm\w*\(", code)
@@ -251,11 +261,40 @@ def test_recompile_limit_falls_back_loudly(monkeypatch):
         assert first.compiled
         model = small_deit()
         second = fast.optimize_for_inference(model, dtype=torch.float32, compile=True)
+        x3 = images(3)  # a new shape needs a graph of its own (the same shape would reuse the first's)
         with pytest.warns(RuntimeWarning, match="already holds 1 compiled DeiT graphs"):
-            out = second(x)
+            out = second(x3)
         assert not second.compiled and first.compiled
         with torch.inference_mode():
-            torch.testing.assert_close(out, model(x))
+            torch.testing.assert_close(out, model(x3))
+    torch._dynamo.reset()
+
+
+def test_unfrozen_fast_models_share_their_graph(monkeypatch):
+    # fp32 on CPU compiles without freezing: the weights are graph inputs, so a second fast model of the same
+    # architecture runs the first one's graph instead of compiling again; frozen dtypes compile per model.
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(fast, "_compile", lambda model, device: torch.compile(model, backend=backend))
+    x = images(2)
+    for dtype, expected in ((torch.float32, 1), (torch.bfloat16, 2)):
+        graphs.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # emulated bf16 on CPUs without it
+            models = [small_deit(), small_deit()]
+            with torch.no_grad():
+                models[1].head.weight.neg_()  # different weights, the same architecture
+            fast_models = [fast.optimize_for_inference(m, dtype=dtype, compile=True) for m in models]
+        for model, fast_model in zip(models, fast_models):  # each runs with its own weights
+            with torch.inference_mode():
+                cosine = nn.functional.cosine_similarity(fast_model(x), model(x), dim=1)
+            assert cosine.min() > 0.99
+        assert len(graphs) == expected and all(f.compiled for f in fast_models)
     torch._dynamo.reset()
 
 
@@ -263,7 +302,9 @@ def test_compile_settings_only_for_new_shapes(monkeypatch):
     entered = []
     real = fast._compile_settings
     monkeypatch.setattr(fast, "_compile", lambda model, device: torch.compile(model, backend="eager"))
-    monkeypatch.setattr(fast, "_compile_settings", lambda device: entered.append(device) or real(device))
+    monkeypatch.setattr(
+        fast, "_compile_settings", lambda device, dtype: entered.append(device) or real(device, dtype)
+    )
     fast_model = fast.optimize_for_inference(small_deit(), dtype=torch.float32, compile=True)
     fast_model(images(2))
     fast_model(images(2))  # a compiled shape: no settings (they cost about 0.3 ms a call)
@@ -276,14 +317,25 @@ def test_compile_settings_are_scoped():
     from torch._dynamo import config as dynamo_config
     from torch._inductor import config as inductor_config
 
-    before = (inductor_config.freezing, inductor_config.cpp_wrapper, dynamo_config.recompile_limit)
-    with fast._compile_settings(torch.device("cpu")):
-        assert inductor_config.freezing and inductor_config.cpp_wrapper
-        assert (
-            dynamo_config.recompile_limit >= fast._RECOMPILE_LIMIT
-            and dynamo_config.fail_on_recompile_limit_hit
-        )
-    assert (inductor_config.freezing, inductor_config.cpp_wrapper, dynamo_config.recompile_limit) == before
+    def state():
+        return inductor_config.freezing, inductor_config.cpp_wrapper, dynamo_config.recompile_limit
+
+    before = state()
+    # (device, dtype) -> (freezing, C++ wrapper): fp32 on CPU stays unfrozen, so inductor can cache its graphs
+    expected = {
+        ("cpu", torch.bfloat16): (True, True),
+        ("cpu", torch.float32): (False, True),
+        ("cuda", torch.bfloat16): (True, False),
+        ("cuda", torch.float32): (True, False),
+    }
+    for (device, dtype), settings in expected.items():
+        with fast._compile_settings(torch.device(device), dtype):
+            assert (inductor_config.freezing, inductor_config.cpp_wrapper) == settings
+            assert (
+                dynamo_config.recompile_limit >= fast._RECOMPILE_LIMIT
+                and dynamo_config.fail_on_recompile_limit_hit
+            )
+        assert state() == before
 
 
 def test_no_compiler_means_eager_with_warning(monkeypatch):
@@ -409,7 +461,7 @@ def test_compiler_internals_are_found_and_their_loss_is_loud():
                 return
             assert moved.limit_config is public
             before = public.recompile_limit
-            with fast._compile_settings(torch.device("cpu")):
+            with fast._compile_settings(torch.device("cpu"), torch.float32):
                 assert public.recompile_limit >= fast._RECOMPILE_LIMIT
                 assert public.fail_on_recompile_limit_hit
             assert public.recompile_limit == before
