@@ -22,17 +22,19 @@ What each device gets by default (:func:`pick_dtype`; the original model is unto
   kernels in torch) get compiled fp32.
 
 ``benchmarks/inference.py`` reports each trade's top-1 agreement with fp32 on a trained model. What else is
-traded: **start-up time** for the compiled dtypes (the first call per input shape compiles; later calls and,
-through inductor's caches, later processes are faster) and **flexibility** (inference only, under
-``torch.inference_mode()``; the weights are copied, so later edits to the original model are not seen; each
-new input shape compiles again, ``dynamic=False``, up to ``_RECOMPILE_LIMIT`` = 64 graphs per process).
+traded: **start-up time** for the compiled dtypes (the first call per input shape compiles; later calls are
+faster, and so are later processes where inductor's on-disk cache can keep the graph: fp32, not the frozen
+half-precision CPU graphs) and **flexibility** (inference only, under ``torch.inference_mode()``; the weights
+are copied, so later edits to the original model are not seen; each new input shape compiles again,
+``dynamic=False``, up to ``_RECOMPILE_LIMIT`` = 64 graphs per process).
 
-How, on CPU, when compiling: the C++ wrapper; in half precision, inductor with weight freezing, so the linears
-run as pre-packed oneDNN kernels with bias, GELU and the residual add fused (fp32 compiles without freezing:
-pre-packing did not make it faster, and frozen graphs are the ones inductor cannot cache across processes);
-and in half precision attention as two batched matmuls around a softmax (``Attention.fused_attn = False``), faster there than the fused
+How, on CPU, when compiling in half precision: weight freezing, so the linears run as pre-packed oneDNN
+kernels with bias, GELU and the residual add fused; the C++ wrapper; and attention as two batched matmuls
+around a softmax (``Attention.fused_attn = False``), faster there than the fused
 ``scaled_dot_product_attention`` CPU kernel. In fp32, int8 and on CUDA the fused attention kernels stay. To
-override the choice, set ``fused_attn`` on ``fast.model``'s attention modules before the first call.
+override the choice, set ``fused_attn`` on ``fast.model``'s attention modules before the first call. fp32 on
+CPU compiles plainly, unfrozen and without the C++ wrapper (neither was faster there): its graph stays in
+inductor's on-disk cache for later processes and is shared by every fp32 fast model of the same shape.
 
 The copy's blocks run an inference-only forward of their own (:class:`InferenceBlock`, the same modules and
 weights): GELU overwrites fc1's output in place (one large buffer fewer per block in eager mode), and when the
@@ -215,8 +217,8 @@ class FastInferenceModel(nn.Module):
                 except _compiler_internals().compile_errors as err:
                     limit_error = _compiler_internals().recompile_limit_error
                     reason = (
-                        f"this process already holds {_RECOMPILE_LIMIT} compiled DeiT graphs (one per fast model "
-                        "and input shape; raise deit_registry.fast._RECOMPILE_LIMIT or reuse fast models)"
+                        f"this process already holds {_RECOMPILE_LIMIT} compiled DeiT graphs (one per input shape, "
+                        "and per model with frozen weights; raise deit_registry.fast._RECOMPILE_LIMIT or reuse fast models)"
                         if limit_error is not None and isinstance(err, limit_error)
                         else f"{type(err).__name__}: {str(err).splitlines()[0]}"
                     )
@@ -417,8 +419,9 @@ def _compile(model: nn.Module, device: torch.device) -> Any:
     return torch.compile(model, dynamic=False)
 
 
-# Dynamo keeps one cache per code object, shared by every instance: each fast model (and each input shape)
-# adds an entry to DeiT.forward's cache, and at the default limit of 8 the ninth would silently run eagerly.
+# Dynamo keeps one cache per code object, shared by every instance: each input shape, and each fast model
+# with frozen weights, adds an entry to DeiT.forward's cache; at the default limit of 8 the ninth would
+# silently run eagerly.
 _RECOMPILE_LIMIT = 64
 
 
@@ -428,11 +431,12 @@ def _compile_settings(device: torch.device, dtype: torch.dtype) -> contextlib.Ex
     * Weight freezing folds the constant weights into the graph, which on CPU lets inductor pre-pack them for
       oneDNN and fuse bias, GELU and the residual add into the matmuls (without it the compiled bf16 model
       spends a sizeable share of its time broadcasting biases into ``addmm`` outputs). It applies
-      only with grad disabled, which the wrapper guarantees. Not for fp32 on CPU: there pre-packing measured
-      no faster than MKL's ``addmm``, and pre-packed weights cannot be pickled, so inductor's on-disk cache
-      skips frozen graphs and every new process would compile from scratch (see :func:`_freezes`).
+      only with grad disabled, which the wrapper guarantees.
     * On CPU, the C++ wrapper calls the kernels from generated C++ instead of Python: lower batch-1 latency
-      for the small variants (no change at large batches), for a few more seconds of compiling.
+      for the small variants in bf16, for a few more seconds of compiling.
+    * Neither for fp32 on CPU (:func:`_graph_settings`): there both measured no faster, the wrapper added
+      seconds to every cold compile, and pre-packed weights cannot be pickled, so inductor's on-disk cache
+      skips frozen graphs and every new process would compile from scratch.
     * Dynamo's recompile limit is raised to ``_RECOMPILE_LIMIT`` entries, and hitting it raises instead of
       quietly running eagerly, so the wrapper can fall back with a warning.
 
@@ -443,8 +447,7 @@ def _compile_settings(device: torch.device, dtype: torch.dtype) -> contextlib.Ex
     stack = contextlib.ExitStack()
     inductor_config = _compiler_internals().inductor_config
     if inductor_config is not None:
-        cpu = device.type == "cpu"
-        stack.enter_context(inductor_config.patch(freezing=_freezes(device, dtype), cpp_wrapper=cpu))
+        stack.enter_context(inductor_config.patch(_graph_settings(device, dtype)))
     config = _compiler_internals().limit_config
     if config is not None:
         limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
@@ -452,9 +455,10 @@ def _compile_settings(device: torch.device, dtype: torch.dtype) -> contextlib.Ex
     return stack
 
 
-def _freezes(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether compiles for ``device`` and ``dtype`` freeze the weights (everything but fp32 on CPU)."""
-    return device.type != "cpu" or dtype is not torch.float32
+def _graph_settings(device: torch.device, dtype: torch.dtype) -> dict[str, bool]:
+    """Inductor's weight freezing (everywhere but fp32 on CPU) and C++ wrapper (CPU, but not fp32)."""
+    cpu_fp32 = device.type == "cpu" and dtype is torch.float32
+    return {"freezing": not cpu_fp32, "cpp_wrapper": device.type == "cpu" and not cpu_fp32}
 
 
 def optimize_for_inference(
