@@ -217,8 +217,9 @@ class FastInferenceModel(nn.Module):
                 except _compiler_internals().compile_errors as err:
                     limit_error = _compiler_internals().recompile_limit_error
                     reason = (
-                        f"this process already holds {_RECOMPILE_LIMIT} compiled DeiT graphs (one per input shape, "
-                        "and per model with frozen weights; raise deit_registry.fast._RECOMPILE_LIMIT or reuse fast models)"
+                        f"this process already holds {_RECOMPILE_LIMIT} compiled DeiT graphs (one per input "
+                        "shape, and per model with frozen weights; raise deit_registry.fast._RECOMPILE_LIMIT or "
+                        "reuse fast models)"
                         if limit_error is not None and isinstance(err, limit_error)
                         else f"{type(err).__name__}: {str(err).splitlines()[0]}"
                     )
@@ -475,10 +476,10 @@ def optimize_for_inference(
             bfloat16 on CPUs with AVX512-BF16/AMX and recent GPUs, float16 on older GPUs, ``torch.qint8`` on
             other x86 CPUs, else float32). ``torch.qint8`` (CPU only): dynamic int8 linear layers, the rest
             fp32.
-        compile: ``torch.compile`` it with inductor (weights frozen, except fp32 on CPU); ``None`` compiles when a compiler is
-            available for the device (:func:`compiler_available`) and the dtype is not ``torch.qint8``
-            (compiling around the int8 layers is slower than running them eagerly), ``False`` never, ``True``
-            always (falling back to eager with a warning if compilation fails).
+        compile: ``torch.compile`` it with inductor (weights frozen, except fp32 on CPU); ``None`` compiles
+            when a compiler is available for the device (:func:`compiler_available`) and the dtype is not
+            ``torch.qint8`` (compiling around the int8 layers is slower than running them eagerly), ``False``
+            never, ``True`` always (falling back to eager with a warning if compilation fails).
 
     On CUDA the half dtypes make ``scaled_dot_product_attention`` pick its fused flash / memory-efficient
     kernels. See the module docstring for what this mode trades.

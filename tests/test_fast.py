@@ -99,7 +99,7 @@ def inductor_cache_artifacts() -> int:
     return 0 if saved is None else len(saved[1].inductor_artifacts)
 
 
-@pytest.mark.slow  # compiles with inductor and the C++ wrapper: about a minute on 2 CPU cores
+@pytest.mark.slow  # compiles with inductor: about a minute on 2 CPU cores
 @pytest.mark.parametrize("call", ["default", "fp32"])
 def test_compiled_calls_stay_close_to_fp32(call):
     """The documented call compiles where it picks a float dtype (bf16 on CPUs with native bf16; int8 runs
