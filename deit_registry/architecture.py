@@ -36,7 +36,7 @@ class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection (rows ordered q | k | v).
 
     ``fused_attn=True`` runs ``scaled_dot_product_attention``; ``False`` computes softmax(QK^T/sqrt(d)) V as
-    two matmuls and a softmax (timm's switch; :mod:`deit_registry.fast` picks per device and dtype).
+    two matmuls and a softmax (timm's switch, set from ``timm.layers.use_fused_attn()`` by timm's door).
     """
 
     fused_attn: bool

@@ -29,12 +29,12 @@ are copied, so later edits to the original model are not seen; each new input sh
 ``dynamic=False``, up to ``_RECOMPILE_LIMIT`` = 64 graphs per process).
 
 How, on CPU, when compiling in half precision: weight freezing, so the linears run as pre-packed oneDNN
-kernels with bias, GELU and the residual add fused; the C++ wrapper; and attention as two batched matmuls
-around a softmax (``Attention.fused_attn = False``), faster there than the fused
-``scaled_dot_product_attention`` CPU kernel. In fp32, int8 and on CUDA the fused attention kernels stay. To
-override the choice, set ``fused_attn`` on ``fast.model``'s attention modules before the first call. fp32 on
-CPU compiles plainly, unfrozen and without the C++ wrapper (neither was faster there): its graph stays in
-inductor's on-disk cache for later processes and is shared by every fp32 fast model of the same shape.
+kernels with bias, GELU and the residual add fused. fp32 on CPU compiles plainly, unfrozen (freezing was not
+faster there): its graph stays in inductor's on-disk cache for later processes and is shared by every fp32
+fast model of the same shape. Nothing compiles with inductor's C++ wrapper: it ran batch 1 a little faster,
+but its source names the frozen weights' addresses, so every process compiles it again, for seconds.
+Attention is the model's own choice (``fused_attn``, on by default: ``scaled_dot_product_attention``, whose
+fused kernels were the faster path on every device and dtype measured).
 
 The copy's blocks run an inference-only forward of their own (:class:`InferenceBlock`, the same modules and
 weights): GELU overwrites fc1's output in place (one large buffer fewer per block in eager mode), and when the
@@ -119,9 +119,7 @@ def compiler_available(device: torch.device) -> bool:
 class _CompilerInternals:
     """What the fast mode needs from torch's compiler that no public API offers (``None`` / empty: missing)."""
 
-    inductor_config: (
-        Any | None
-    )  # inductor's config module: weight freezing, the C++ wrapper, the C++ compiler
+    inductor_config: Any | None  # inductor's config module: weight freezing, the C++ compiler
     compile_errors: tuple[type[BaseException], ...]  # Dynamo's "the compiler failed" exceptions
     recompile_limit_error: type[BaseException] | None
     cxx: str | None
@@ -134,7 +132,7 @@ class _CompilerInternals:
 def _compiler_internals() -> _CompilerInternals:
     """The one place that reads torch's non-public compiler modules.
 
-    Inductor's weight freezing and C++ wrapper have no public switch (``torch.compile(options=...)`` reaches
+    Inductor's weight freezing has no public switch (``torch.compile(options=...)`` reaches
     inductor but not Dynamo, which reads ``freezing`` while tracing), and Dynamo's compile-failure exceptions
     are not exported publicly. Dynamo's recompile limit is set through the public ``torch.compiler.config``
     where it has it, else Dynamo's own config (see :func:`_compile_settings`). If a torch release moves these modules, this warns once
@@ -146,7 +144,7 @@ def _compiler_internals() -> _CompilerInternals:
         inductor_config = importlib.import_module("torch._inductor.config")
         exc = importlib.import_module("torch._dynamo.exc")
         errors = (exc.BackendCompilerFailed, exc.InternalTorchDynamoError, exc.FailOnRecompileLimitHit)
-        for name in ("freezing", "cpp_wrapper", "cpp"):
+        for name in ("freezing", "cpp"):
             getattr(inductor_config, name)
         cxx = inductor_config.cpp.cxx[-1] if inductor_config.cpp.cxx else None
         # torch.compiler.config gained recompile_limit after torch 2.9; before, only Dynamo's own config has it
@@ -155,8 +153,8 @@ def _compiler_internals() -> _CompilerInternals:
     except (ImportError, AttributeError, TypeError) as err:
         warnings.warn(
             f"torch {torch.__version__}'s compiler internals are not where deit_registry.fast expects them "
-            f"({type(err).__name__}: {err}); compiling without weight freezing or the C++ wrapper, and compile "
-            "failures are not caught",
+            f"({type(err).__name__}: {err}); compiling without weight freezing, and compile failures are not "
+            "caught",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -309,23 +307,6 @@ def _cast_floats(out: Any, dtype: torch.dtype) -> Any:
     return out
 
 
-def _choose_attention(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """Pick the faster attention implementation for ``device`` and ``dtype`` on each attention layer.
-
-    On CPU in bf16/fp16 two batched matmuls around a softmax beat the fused ``scaled_dot_product_attention``
-    kernel at DeiT's sequence lengths (``benchmarks/`` has the figures); in fp32 the two are level, and on
-    CUDA the fused flash / memory-efficient kernels win, so those keep it. Modules without a ``fused_attn`` switch are left alone.
-    """
-    _set_switch(model, "fused_attn", device.type != "cpu" or dtype in (torch.float32, torch.qint8))
-
-
-def _set_switch(model: nn.Module, name: str, value: bool) -> None:
-    """Set the bool attribute ``name`` on every module of ``model`` that has one (others are left alone)."""
-    for module in model.modules():
-        if isinstance(getattr(module, name, None), bool):
-            setattr(module, name, value)
-
-
 class InferenceBlock(nn.Module):
     """A :class:`~deit_registry.architecture.Block`'s own modules (same names, same state-dict keys) run for
     inference only, in the fast copy where no caller can hold an intermediate tensor.
@@ -433,11 +414,9 @@ def _compile_settings(device: torch.device, dtype: torch.dtype) -> contextlib.Ex
       oneDNN and fuse bias, GELU and the residual add into the matmuls (without it the compiled bf16 model
       spends a sizeable share of its time broadcasting biases into ``addmm`` outputs). It applies
       only with grad disabled, which the wrapper guarantees.
-    * On CPU, the C++ wrapper calls the kernels from generated C++ instead of Python: lower batch-1 latency
-      for the small variants in bf16, for a few more seconds of compiling.
-    * Neither for fp32 on CPU (:func:`_graph_settings`): there both measured no faster, the wrapper added
-      seconds to every cold compile, and pre-packed weights cannot be pickled, so inductor's on-disk cache
-      skips frozen graphs and every new process would compile from scratch.
+    * Not for fp32 on CPU (:func:`_graph_settings`): there it measured no faster, and pre-packed weights
+      cannot be pickled, so inductor's on-disk cache skips frozen graphs and every new process would compile
+      from scratch.
     * Dynamo's recompile limit is raised to ``_RECOMPILE_LIMIT`` entries, and hitting it raises instead of
       quietly running eagerly, so the wrapper can fall back with a warning.
 
@@ -457,9 +436,8 @@ def _compile_settings(device: torch.device, dtype: torch.dtype) -> contextlib.Ex
 
 
 def _graph_settings(device: torch.device, dtype: torch.dtype) -> dict[str, bool]:
-    """Inductor's weight freezing (everywhere but fp32 on CPU) and C++ wrapper (CPU, but not fp32)."""
-    cpu_fp32 = device.type == "cpu" and dtype is torch.float32
-    return {"freezing": not cpu_fp32, "cpp_wrapper": device.type == "cpu" and not cpu_fp32}
+    """Inductor's weight freezing: everywhere but fp32 on CPU."""
+    return {"freezing": not (device.type == "cpu" and dtype is torch.float32)}
 
 
 def optimize_for_inference(
@@ -507,7 +485,6 @@ def optimize_for_inference(
         dtype = torch.float32
     if dtype is not torch.qint8:
         converted.to(dtype)
-    _choose_attention(converted, device, dtype)
     compiled = None
     if compile is None:
         # int8: the quantized linears are opaque to the compiler, and compiling around them measured slower
