@@ -16,6 +16,8 @@ outputs are checked to agree). Modes, each a row per variant and batch size:
   device runs bf16 natively, dynamic int8 linears on CPUs without it) against ``torch.compile(timm_model)``
   in the same dtype (fp32 for int8: timm has no int8 path of its own).
 * ``fast-fp32``: ``optimize_for_inference(model, dtype=torch.float32)`` against timm compiled in fp32.
+* ``fast-int8``: ``optimize_for_inference(model, dtype=torch.qint8)`` (the default on x86 CPUs without native
+  bf16; CPU only) against timm compiled in fp32.
 
 Ours and timm's run alternately in one process (the machine may be shared: only ratios within a run mean
 much); every figure is a median over ``--repeats`` samples, or up to five times as many where they take
@@ -44,7 +46,8 @@ import deit_registry as dr
 from deit_registry.fast import compiler_available, optimize_for_inference, pick_dtype
 from deit_registry.variants import VARIANTS
 
-MODES = ("exact", "fast", "fast-fp32")
+MODES = ("exact", "fast", "fast-fp32", "fast-int8")
+FORCED_DTYPES = {"fast-fp32": torch.float32, "fast-int8": torch.qint8}
 DEFAULT_VARIANTS = ["deit_tiny_patch16_224", "deit_small_distilled_patch16_224", "deit_base_patch16_224"]
 
 
@@ -91,7 +94,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def mode_dtype(mode: str, device: torch.device) -> torch.dtype:
     """The dtype a mode computes in on ``device`` (the fast mode asks the package, as it does itself)."""
-    return pick_dtype(device) if mode == "fast" else torch.float32
+    return pick_dtype(device) if mode == "fast" else FORCED_DTYPES.get(mode, torch.float32)
 
 
 def timm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -185,7 +188,7 @@ def prepare(
     """Our callable and timm's for ``mode`` (nothing compiled yet: compiling happens in the first call)."""
     if mode == "exact":
         return ours, theirs, torch.float32
-    fast = optimize_for_inference(ours, dtype=torch.float32 if mode == "fast-fp32" else None)
+    fast = optimize_for_inference(ours, dtype=FORCED_DTYPES.get(mode))
     theirs = theirs if fast.dtype in (torch.float32, torch.qint8) else copy.deepcopy(theirs).to(fast.dtype)
     # dynamic=False as the fast mode compiles: static shapes, one graph per batch size.
     return fast, torch.compile(theirs, dynamic=False), fast.dtype
@@ -289,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
             "without x86 int8 kernels; emulated bf16 would only be slower)"
         )
     modes = args.modes
+    if device.type != "cpu" and "fast-int8" in modes:
+        skipped.append(f"fast-int8 rows: int8 linear layers run on the CPU only, not {device.type}")
+        modes = [m for m in modes if m != "fast-int8"]
     if any(m != "exact" for m in modes) and not compiler_available(device):
         skipped.append(f"timm compiled rows: no torch.compile backend for {device.type} here")
         modes = [m for m in modes if m == "exact"]

@@ -31,6 +31,21 @@ def test_inference_benchmark_compares_with_timms_own_model():
     assert diff < 1e-5
 
 
+@pytest.mark.parametrize("mode, dtype", [("fast-fp32", torch.float32), ("fast-int8", torch.qint8)])
+def test_inference_benchmark_forced_modes_run_their_dtype(mode, dtype):
+    """The forced modes build our fast copy in their dtype, beside timm's model compiled in fp32."""
+    pytest.importorskip("timm")
+    inference = load_script("inference")
+    ours, theirs, _ = inference.build_pair("deit_tiny_patch16_224")
+    fast_model, timm_compiled, got = inference.prepare(mode, ours, theirs, torch.device("cpu"))
+    assert (
+        got is dtype
+        and fast_model.dtype is dtype
+        and inference.mode_dtype(mode, torch.device("cpu")) is dtype
+    )
+    assert inference.timm_dtype(got) is torch.float32 and timm_compiled is not theirs
+
+
 @pytest.mark.slow  # a timed run, even at its smallest setting
 def test_inference_benchmark_runs(capsys):
     pytest.importorskip("timm")
