@@ -132,11 +132,11 @@ class _CompilerInternals:
 def _compiler_internals() -> _CompilerInternals:
     """The one place that reads torch's non-public compiler modules.
 
-    Inductor's weight freezing has no public switch (``torch.compile(options=...)`` reaches
-    inductor but not Dynamo, which reads ``freezing`` while tracing), and Dynamo's compile-failure exceptions
-    are not exported publicly. Dynamo's recompile limit is set through the public ``torch.compiler.config``
-    where it has it, else Dynamo's own config (see :func:`_compile_settings`). If a torch release moves these modules, this warns once
-    and the fast mode still works: it compiles without freezing and does not catch compile errors.
+    Inductor's weight freezing has no public switch (``torch.compile(options=...)`` reaches inductor but not
+    Dynamo, which reads ``freezing`` while tracing), and Dynamo's compile-failure exceptions are not exported
+    publicly. Dynamo's recompile limit is set through the public ``torch.compiler.config`` where it has it,
+    else Dynamo's own config (see :func:`_compile_settings`). If a torch release moves these modules, this
+    warns once and the fast mode still works: it compiles without freezing and does not catch compile errors.
     """
     public = getattr(torch.compiler, "config", None)
     public_limit = public if public is not None and hasattr(public, "recompile_limit") else None

@@ -103,8 +103,9 @@ def inductor_cache_artifacts() -> int:
 @pytest.mark.parametrize("call", ["default", "fp32"])
 def test_compiled_calls_stay_close_to_fp32(call):
     """The documented call compiles where it picks a float dtype (bf16 on CPUs with native bf16; int8 runs
-    eagerly), and ``dtype=torch.float32`` always compiles: bf16 into pre-packed oneDNN linears, fp32 into a plain graph that inductor's on-disk cache keeps for the next process (frozen, pre-packed
-    graphs it cannot)."""
+    eagerly), and ``dtype=torch.float32`` always compiles: bf16 into pre-packed oneDNN linears, fp32 into a
+    plain graph that inductor's on-disk cache keeps for the next process (frozen, pre-packed graphs it
+    cannot)."""
     if not fast.compiler_available(torch.device("cpu")):
         pytest.skip("needs a C++ compiler for torch.compile's CPU backend")
     if call == "default" and not NATIVE_BF16:
@@ -131,13 +132,12 @@ def test_compiled_calls_stay_close_to_fp32(call):
         assert "addmm" in code and not re.search(r"_linear_pointwise|_mkl_linear", code)
         assert inductor_cache_artifacts() > cached_before
     else:
-        # Frozen: oneDNN kernels with pre-packed weights and bias and GELU fused, no addmm kernel at all,
-        # called from Python (no C++ wrapper); attention stays the fused kernel.
+        # Frozen: oneDNN kernels with pre-packed weights and bias and GELU fused, no addmm call at all (the
+        # generated comments still name the aten ops they replace), called from Python (no C++ wrapper);
+        # attention stays the fused kernel.
         assert "def call(" in code and "inductor_entry" not in code
         assert "_linear_pointwise" in code and re.search(r"""_linear_pointwise\S*\(.*'gelu'""", code)
-        assert not re.search(
-            r"(extern_kernels\.addmm|aten\.addmm\.default)\(", code
-        )  # comments name aten ops
+        assert not re.search(r"(extern_kernels\.addmm|aten\.addmm\.default)\(", code)
         assert "scaled_dot_product" in code
 
 
