@@ -414,9 +414,8 @@ def _compile_settings(device: torch.device, dtype: torch.dtype) -> contextlib.Ex
       oneDNN and fuse bias, GELU and the residual add into the matmuls (without it the compiled bf16 model
       spends a sizeable share of its time broadcasting biases into ``addmm`` outputs). It applies
       only with grad disabled, which the wrapper guarantees.
-    * Not for fp32 on CPU (:func:`_graph_settings`): there it measured no faster, and pre-packed weights
-      cannot be pickled, so inductor's on-disk cache skips frozen graphs and every new process would compile
-      from scratch.
+    * Not for fp32 on CPU: there it measured no faster, and pre-packed weights cannot be pickled, so
+      inductor's on-disk cache skips frozen graphs and every new process would compile from scratch.
     * Dynamo's recompile limit is raised to ``_RECOMPILE_LIMIT`` entries, and hitting it raises instead of
       quietly running eagerly, so the wrapper can fall back with a warning.
 
@@ -427,17 +426,13 @@ def _compile_settings(device: torch.device, dtype: torch.dtype) -> contextlib.Ex
     stack = contextlib.ExitStack()
     inductor_config = _compiler_internals().inductor_config
     if inductor_config is not None:
-        stack.enter_context(inductor_config.patch(_graph_settings(device, dtype)))
+        freeze = not (device.type == "cpu" and dtype is torch.float32)
+        stack.enter_context(inductor_config.patch(freezing=freeze))
     config = _compiler_internals().limit_config
     if config is not None:
         limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
         stack.enter_context(config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True))
     return stack
-
-
-def _graph_settings(device: torch.device, dtype: torch.dtype) -> dict[str, bool]:
-    """Inductor's weight freezing: everywhere but fp32 on CPU."""
-    return {"freezing": not (device.type == "cpu" and dtype is torch.float32)}
 
 
 def optimize_for_inference(
