@@ -13,8 +13,8 @@
 What each device gets by default (:func:`pick_dtype`; the original model is untouched and stays exact fp32):
 
 * **CPUs with native bf16** (AVX512-BF16 / AMX) **and GPUs:** bf16 (fp16 on GPUs without bf16) weights and
-  activations, compiled with ``torch.compile``. Logits differ from fp32 in the second or third significant
-  digit, so near-ties can flip.
+  activations, compiled with ``torch.compile`` (on GPUs replayed as CUDA graphs: ``cuda_graphs``). Logits
+  differ from fp32 in the second or third significant digit, so near-ties can flip.
 * **CPUs without native bf16** (emulated bf16 is slower than fp32): ``torch.qint8``, i.e. every linear layer in
   dynamic int8 (int8 weights with a scale per output channel; each layer's input quantized per call with one
   scale for the whole batch, so an image's logits can move slightly with its batch mates) and everything
@@ -23,16 +23,18 @@ What each device gets by default (:func:`pick_dtype`; the original model is unto
 
 ``benchmarks/inference.py`` reports each trade's top-1 agreement with fp32 on a trained model. What else is
 traded: **start-up time** for the compiled dtypes (the first call per input shape compiles; later calls are
-faster, and so are later processes where inductor's on-disk cache can keep the graph: fp32, not the frozen
+faster, and so are later processes where inductor's on-disk cache can keep the graph: all but the frozen
 half-precision CPU graphs) and **flexibility** (inference only, under ``torch.inference_mode()``; the weights
 are copied, so later edits to the original model are not seen; each new input shape compiles again,
-``dynamic=False``, up to ``_RECOMPILE_LIMIT`` = 64 graphs per process).
+``dynamic=False``, up to ``_RECOMPILE_LIMIT`` = 64 graphs per process; a CUDA graph per shape also keeps
+its activations' memory).
 
 How, on CPU, when compiling in half precision: weight freezing, so the linears run as pre-packed oneDNN
-kernels with bias, GELU and the residual add fused. fp32 on CPU compiles plainly, unfrozen (freezing was not
-faster there): its graph stays in inductor's on-disk cache for later processes and is shared by every fp32
-fast model of the same shape. Nothing compiles with inductor's C++ wrapper: it ran batch 1 a little faster,
-but its source names the frozen weights' addresses, so every process compiles it again, for seconds.
+kernels with bias, GELU and the residual add fused. Everything else (fp32 on CPU, any dtype on GPU) compiles
+plainly, unfrozen (freezing was not faster there): its graph stays in inductor's on-disk cache for later
+processes and is shared by every fast model of the same dtype and shape. On GPUs the speed comes from the
+CUDA graphs. Nothing compiles with inductor's C++ wrapper: it ran batch 1 a little faster on CPU, but its
+source names the frozen weights' addresses, so every process compiles it again, for seconds.
 Attention is the model's own choice (``fused_attn``, on by default: ``scaled_dot_product_attention``, whose
 fused kernels were the faster path on every device and dtype measured).
 
@@ -178,7 +180,9 @@ class FastInferenceModel(nn.Module):
     fails).
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, compiled: Any | None) -> None:
+    def __init__(
+        self, model: nn.Module, dtype: torch.dtype, compiled: Any | None, cuda_graphs: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
         self.dtype = dtype
@@ -191,10 +195,16 @@ class FastInferenceModel(nn.Module):
         # Inputs (shape, strides, inference flag: what Dynamo guards on) already compiled: their calls skip the
         # compile settings, whose patching costs a noticeable share of a small model's batch-1 latency.
         self._compiled_inputs: set[tuple[Any, ...]] = set()
+        self._cuda_graphs = cuda_graphs
 
     @property
     def compiled(self) -> bool:
         return self._compiled is not None
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether compiled calls replay CUDA graphs (``torch.compile(mode="reduce-overhead")``)."""
+        return self._cuda_graphs and self.compiled
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         out_dtype = x.dtype if x.is_floating_point() else torch.float32
@@ -237,10 +247,11 @@ class FastInferenceModel(nn.Module):
                     out = self.model(x)
             else:
                 out = self.model(x, *args, **kwargs)
-        return _cast_floats(out, out_dtype)
+        # A CUDA graph's outputs live in its memory pool, which the next call overwrites: always hand out copies.
+        return _cast_floats(out, out_dtype, copy=self.cuda_graphs)
 
     def extra_repr(self) -> str:
-        return f"dtype={self.dtype}, device={self.device}, compiled={self.compiled}"
+        return f"dtype={self.dtype}, device={self.device}, compiled={self.compiled}, cuda_graphs={self.cuda_graphs}"
 
 
 # glibc serves blocks above 32 MiB (its highest mmap threshold) straight from the kernel and returns them on
@@ -297,13 +308,13 @@ def _input_key(x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     return (tuple(x.shape), x.stride(), x.is_inference(), x.requires_grad)
 
 
-def _cast_floats(out: Any, dtype: torch.dtype) -> Any:
+def _cast_floats(out: Any, dtype: torch.dtype, copy: bool = False) -> Any:
     if isinstance(out, torch.Tensor):
-        return out.to(dtype) if out.is_floating_point() else out
+        return out.to(dtype if out.is_floating_point() else out.dtype, copy=copy)
     if isinstance(out, (tuple, list)):
-        return type(out)(_cast_floats(o, dtype) for o in out)
+        return type(out)(_cast_floats(o, dtype, copy) for o in out)
     if isinstance(out, dict):
-        return {k: _cast_floats(v, dtype) for k, v in out.items()}
+        return {k: _cast_floats(v, dtype, copy) for k, v in out.items()}
     return out
 
 
@@ -396,9 +407,11 @@ def _quantize_linears(model: nn.Module) -> bool:
     return True
 
 
-def _compile(model: nn.Module, device: torch.device) -> Any:
+def _compile(model: nn.Module, cuda_graphs: bool) -> Any:
     # dynamic=False: DeiT runs at a few fixed shapes, and static shapes generate the fastest kernels.
-    return torch.compile(model, dynamic=False)
+    # "reduce-overhead" replays each shape's kernels as one CUDA graph: without it a small batch on a GPU is
+    # bound by launching a few hundred kernels one by one.
+    return torch.compile(model, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
 
 
 # Dynamo keeps one cache per code object, shared by every instance: each input shape, and each fast model
@@ -414,8 +427,9 @@ def _compile_settings(device: torch.device, dtype: torch.dtype) -> contextlib.Ex
       oneDNN and fuse bias, GELU and the residual add into the matmuls (without it the compiled bf16 model
       spends a sizeable share of its time broadcasting biases into ``addmm`` outputs). It applies
       only with grad disabled, which the wrapper guarantees.
-    * Not for fp32 on CPU: there it measured no faster, and pre-packed weights cannot be pickled, so
-      inductor's on-disk cache skips frozen graphs and every new process would compile from scratch.
+    * Only there, in half precision: fp32 on CPU and every GPU dtype measured no faster frozen, and frozen
+      graphs miss inductor's on-disk cache (pre-packed weights do not pickle; on GPUs the weights would become
+      constants of each graph), so every new process would compile from scratch.
     * Dynamo's recompile limit is raised to ``_RECOMPILE_LIMIT`` entries, and hitting it raises instead of
       quietly running eagerly, so the wrapper can fall back with a warning.
 
@@ -426,7 +440,7 @@ def _compile_settings(device: torch.device, dtype: torch.dtype) -> contextlib.Ex
     stack = contextlib.ExitStack()
     inductor_config = _compiler_internals().inductor_config
     if inductor_config is not None:
-        freeze = not (device.type == "cpu" and dtype is torch.float32)
+        freeze = device.type == "cpu" and dtype is not torch.float32
         stack.enter_context(inductor_config.patch(freezing=freeze))
     config = _compiler_internals().limit_config
     if config is not None:
@@ -439,6 +453,7 @@ def optimize_for_inference(
     model: nn.Module,
     dtype: torch.dtype | None = None,
     compile: bool | None = None,
+    cuda_graphs: bool | None = None,
 ) -> FastInferenceModel:
     """Return a fast, inference-only copy of ``model`` (the original is not modified).
 
@@ -449,10 +464,19 @@ def optimize_for_inference(
             bfloat16 on CPUs with AVX512-BF16/AMX and recent GPUs, float16 on older GPUs, ``torch.qint8`` on
             other x86 CPUs, else float32). ``torch.qint8`` (CPU only): dynamic int8 linear layers, the rest
             fp32.
-        compile: ``torch.compile`` it with inductor (weights frozen, except fp32 on CPU); ``None`` compiles
+        compile: ``torch.compile`` it with inductor (weights frozen for half precision on CPU); ``None`` compiles
             when a compiler is available for the device (:func:`compiler_available`) and the dtype is not
             ``torch.qint8`` (compiling around the int8 layers is slower than running them eagerly), ``False``
             never, ``True`` always (falling back to eager with a warning if compilation fails).
+        cuda_graphs: with ``compile``, replay each input shape's compiled kernels as one CUDA graph
+            (``torch.compile(mode="reduce-overhead")``): far less launch overhead at small batches, for GPU
+            memory held per shape. ``None``: on for models on CUDA. The graph overwrites its outputs on the
+            next call, so the wrapper returns copies.
+
+    Example, on a GPU::
+
+        fast = optimize_for_inference(model.cuda())  # bf16, compiled, CUDA graphs
+        no_graphs = optimize_for_inference(model.cuda(), cuda_graphs=False)  # e.g. for many input shapes
 
     On CUDA the half dtypes make ``scaled_dot_product_attention`` pick its fused flash / memory-efficient
     kernels. See the module docstring for what this mode trades.
@@ -461,7 +485,13 @@ def optimize_for_inference(
         raise ValueError(f"dtype must be torch.bfloat16, torch.float16, torch.float32 or None; got {dtype!r}")
     if compile is not None and not isinstance(compile, bool):
         raise ValueError(f"compile must be True, False or None; got {compile!r}")
+    if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+        raise ValueError(f"cuda_graphs must be True, False or None; got {cuda_graphs!r}")
     device = _model_device(model)
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {device}")
+    if cuda_graphs and compile is False:
+        raise ValueError("cuda_graphs=True replays compiled graphs: it needs compile=True or None")
     if dtype is None:
         dtype = pick_dtype(device)
     elif dtype is torch.bfloat16 and device.type == "cpu" and pick_dtype(device) is not torch.bfloat16:
@@ -492,11 +522,12 @@ def optimize_for_inference(
                 RuntimeWarning,
                 stacklevel=2,
             )
+    cuda_graphs = bool(compile) and device.type == "cuda" and cuda_graphs is not False
     if compile:
         try:
-            compiled = _compile(converted, device)
+            compiled = _compile(converted, cuda_graphs)
         except RuntimeError as err:  # e.g. torch.compile unsupported on this Python / platform
             warnings.warn(
                 f"torch.compile unavailable ({err}); running eagerly in {dtype}", RuntimeWarning, stacklevel=2
             )
-    return FastInferenceModel(converted, dtype, compiled)
+    return FastInferenceModel(converted, dtype, compiled, cuda_graphs)

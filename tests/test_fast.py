@@ -316,13 +316,14 @@ def test_compile_settings_are_scoped():
         return inductor_config.freezing, inductor_config.cpp_wrapper, dynamo_config.recompile_limit
 
     before = state()
-    # (device, dtype) -> freezing: fp32 on CPU compiles plainly, so inductor can cache its graph; the C++
-    # wrapper stays as the user has it (off by default)
+    # (device, dtype) -> freezing: only half precision on CPU freezes; the rest compiles plainly, so inductor
+    # can cache its graph; the C++ wrapper stays as the user has it (off by default)
     expected = {
         ("cpu", torch.bfloat16): True,
+        ("cpu", torch.float16): True,
         ("cpu", torch.float32): False,
-        ("cuda", torch.bfloat16): True,
-        ("cuda", torch.float32): True,
+        ("cuda", torch.bfloat16): False,
+        ("cuda", torch.float32): False,
     }
     for (device, dtype), freezing in expected.items():
         with fast._compile_settings(torch.device(device), dtype):
@@ -376,6 +377,49 @@ def test_cuda_dtype_choice(monkeypatch):
     assert fast.pick_dtype(torch.device("cuda")) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
     assert fast.pick_dtype(torch.device("cuda")) == torch.float16
+
+
+def test_cuda_models_compile_with_cuda_graphs(monkeypatch):
+    """The CUDA branch of the compile choice, without a GPU: a model on CUDA compiles with
+    ``mode="reduce-overhead"`` unless the caller says ``cuda_graphs=False``; CPU models never do."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
+    monkeypatch.setattr(fast, "compiler_available", lambda device: True)
+    cpu_model = fast.optimize_for_inference(small_deit(), dtype=torch.float32)
+    assert calls.pop() == {"dynamic": False, "mode": None} and not cpu_model.cuda_graphs
+    with pytest.raises(ValueError, match="needs a model on a CUDA device"):
+        fast.optimize_for_inference(small_deit(), dtype=torch.float32, cuda_graphs=True)
+    monkeypatch.setattr(fast, "_model_device", lambda model: torch.device("cuda"))
+    on_gpu = fast.optimize_for_inference(small_deit(), dtype=torch.float32)
+    assert calls.pop() == {"dynamic": False, "mode": "reduce-overhead"}
+    assert on_gpu.cuda_graphs and "cuda_graphs=True" in repr(on_gpu)
+    plain = fast.optimize_for_inference(small_deit(), dtype=torch.float32, cuda_graphs=False)
+    assert calls.pop() == {"dynamic": False, "mode": None} and not plain.cuda_graphs
+    eager = fast.optimize_for_inference(small_deit(), dtype=torch.float32, compile=False)
+    assert not calls and not eager.cuda_graphs
+    with pytest.raises(ValueError, match="needs compile=True or None"):
+        fast.optimize_for_inference(small_deit(), dtype=torch.float32, compile=False, cuda_graphs=True)
+
+
+def test_cuda_graph_outputs_are_handed_out_as_copies():
+    """A CUDA graph writes every call's outputs into the same memory, so the wrapper hands out copies, also
+    where no cast would copy (input in the compute dtype, integer outputs). A stand-in for the compiled
+    function returns its static buffers, on the CPU."""
+    for dtype in (torch.float32, torch.bfloat16):
+        static = (torch.zeros(2, 3, dtype=dtype), torch.zeros(2, dtype=torch.long))
+
+        def replay(x, static=static):
+            static[0].copy_(x.flatten(1)[:, :3])
+            static[1].copy_(x.flatten(1)[:, 0].long())
+            return static
+
+        for cuda_graphs in (True, False):
+            model = fast.FastInferenceModel(nn.Identity(), dtype, replay, cuda_graphs=cuda_graphs)
+            first = model(torch.full((2, 3, 2, 2), 1.0, dtype=dtype))
+            model(torch.full((2, 3, 2, 2), 2.0, dtype=dtype))
+            assert first[0].dtype == dtype and first[1].dtype == torch.long
+            # without CUDA graphs the stand-in's buffers come back as they are: overwritten (the check bites)
+            assert first[0].eq(1).all() == first[1].eq(1).all() == cuda_graphs
 
 
 def quantized_linears(model: nn.Module) -> list[nn.Module]:
@@ -472,7 +516,7 @@ def test_input_errors_still_reach_the_user():
         fast_model(torch.randn(1, 3, 32, 32))
 
 
-@pytest.mark.parametrize("kwargs", [{"dtype": torch.int8}, {"compile": "yes"}])
+@pytest.mark.parametrize("kwargs", [{"dtype": torch.int8}, {"compile": "yes"}, {"cuda_graphs": 1}])
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         fast.optimize_for_inference(small_deit(), **kwargs)
