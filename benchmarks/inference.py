@@ -5,19 +5,22 @@ a user who wants speed runs: timm's model under ``torch.compile``.
 
     python benchmarks/inference.py         # deit_tiny, deit_small_distilled, deit_base (patch16_224); batch 1 and 32
     python benchmarks/inference.py --variants deit_base_patch16_224 --batch-sizes 8 --modes fast-fp32 --repeats 5
-    python benchmarks/inference.py --device cuda --batch-sizes 1 32 256 --modes exact fast
+    python benchmarks/inference.py --device cuda --batch-sizes 1 32 256 --modes exact bf16 fast fast-nographs
 
 For each variant, timm's own model (``timm.models.deit.<name>``: importing deit_registry points timm's registry
 at ours) is created with random weights and its state_dict loaded into ours with ``strict=True`` (the fp32
 outputs are checked to agree). Modes, each a row per variant and batch size:
 
 * ``exact``: our default fp32 model against timm's fp32 model, both eager.
+* ``bf16``: both models cast to bf16, eager (skipped on CPUs without native bf16).
 * ``fast``: ``deit_registry.fast.optimize_for_inference(model)`` with its defaults (bf16 + compile where the
   device runs bf16 natively, dynamic int8 linears on CPUs without it) against ``torch.compile(timm_model)``
   in the same dtype (fp32 for int8: timm has no int8 path of its own).
 * ``fast-fp32``: ``optimize_for_inference(model, dtype=torch.float32)`` against timm compiled in fp32.
 * ``fast-int8``: ``optimize_for_inference(model, dtype=torch.qint8)`` (the default on x86 CPUs without native
   bf16; CPU only) against timm compiled in fp32.
+* ``fast-nographs``: ``optimize_for_inference(model, cuda_graphs=False)`` (CUDA only): what the CUDA graphs of
+  the ``fast`` row are worth.
 
 Ours and timm's run alternately in one process (the machine may be shared: only ratios within a run mean
 much); every figure is a median over ``--repeats`` samples, or up to five times as many where they take
@@ -46,8 +49,15 @@ import deit_registry as dr
 from deit_registry.fast import compiler_available, optimize_for_inference, pick_dtype
 from deit_registry.variants import VARIANTS
 
-MODES = ("exact", "fast", "fast-fp32", "fast-int8")
-FORCED_DTYPES = {"fast-fp32": torch.float32, "fast-int8": torch.qint8}
+MODES = ("exact", "bf16", "fast", "fast-fp32", "fast-int8", "fast-nographs")
+# The modes' fixed dtypes; the others (fast, fast-nographs) take the fast mode's own choice for the device.
+MODE_DTYPES = {
+    "exact": torch.float32,
+    "bf16": torch.bfloat16,
+    "fast-fp32": torch.float32,
+    "fast-int8": torch.qint8,
+}
+EAGER_MODES = ("exact", "bf16")
 DEFAULT_VARIANTS = ["deit_tiny_patch16_224", "deit_small_distilled_patch16_224", "deit_base_patch16_224"]
 
 
@@ -94,7 +104,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def mode_dtype(mode: str, device: torch.device) -> torch.dtype:
     """The dtype a mode computes in on ``device`` (the fast mode asks the package, as it does itself)."""
-    return pick_dtype(device) if mode == "fast" else FORCED_DTYPES.get(mode, torch.float32)
+    return MODE_DTYPES.get(mode) or pick_dtype(device)
 
 
 def timm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -182,39 +192,59 @@ def build_pair(name: str) -> tuple[nn.Module, nn.Module, float]:
     return ours, theirs, diff
 
 
-def prepare(
-    mode: str, ours: nn.Module, theirs: nn.Module, device: torch.device
-) -> tuple[Callable[[torch.Tensor], object], Callable[[torch.Tensor], object], torch.dtype]:
-    """Our callable and timm's for ``mode`` (nothing compiled yet: compiling happens in the first call)."""
+def prepare_ours(mode: str, ours: nn.Module) -> tuple[Callable[[torch.Tensor], object], torch.dtype]:
+    """Our callable for ``mode`` and the dtype it computes in (nothing compiled yet: that is the first call)."""
     if mode == "exact":
-        return ours, theirs, torch.float32
-    fast = optimize_for_inference(ours, dtype=FORCED_DTYPES.get(mode))
-    theirs = theirs if fast.dtype in (torch.float32, torch.qint8) else copy.deepcopy(theirs).to(fast.dtype)
+        return ours, torch.float32
+    if mode == "bf16":
+        return copy.deepcopy(ours).bfloat16(), torch.bfloat16
+    fast = optimize_for_inference(
+        ours, dtype=MODE_DTYPES.get(mode), cuda_graphs=False if mode == "fast-nographs" else None
+    )
+    return fast, fast.dtype
+
+
+def prepare_timm(mode: str, theirs: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], object]:
+    """timm's callable beside ours: eager for the eager modes, else compiled; in ``timm_dtype(dtype)``."""
+    if timm_dtype(dtype) is not torch.float32:
+        theirs = copy.deepcopy(theirs).to(dtype)
     # dynamic=False as the fast mode compiles: static shapes, one graph per batch size.
-    return fast, torch.compile(theirs, dynamic=False), fast.dtype
+    return theirs if mode in EAGER_MODES else torch.compile(theirs, dynamic=False)
 
 
 def run_row(
-    mode: str, ours: nn.Module, theirs: nn.Module, batch: int, repeats: int, device: torch.device
+    mode: str,
+    ours: nn.Module,
+    theirs: nn.Module,
+    batch: int,
+    repeats: int,
+    device: torch.device,
+    budget_s: float = 3.0,
 ) -> dict[str, float]:
     torch.compiler.reset()  # each row compiles from scratch (inductor's on-disk caches stay, for both)
     x = torch.randn(batch, 3, *ours.patch_embed.img_size, device=device)
     ready = {}
+    # Each side's ready time covers its own preparation (copies, casts) and first call.
     start = time.perf_counter()
-    ours_fn, theirs_fn, dtype = prepare(mode, ours, theirs, device)
+    ours_fn, dtype = prepare_ours(mode, ours)
     x_theirs = x.to(timm_dtype(dtype))
+    x_ours = x_theirs if mode in EAGER_MODES else x  # the fast wrapper casts its inputs itself
     with torch.inference_mode():
-        out = ours_fn(x)
+        out = ours_fn(x_ours)
         synchronize(device)
         ready["ours"] = time.perf_counter() - start
         start = time.perf_counter()
+        theirs_fn = prepare_timm(mode, theirs, dtype)
         theirs_fn(x_theirs)
         synchronize(device)
         ready["timm"] = time.perf_counter() - start
         # Against our eager fp32 model (the exact mode is that model: 0 without running it again).
         drift = 0.0 if mode == "exact" else (out.float() - ours(x)).abs().max().item()
         samples = timed_alternately(
-            {"ours": lambda: ours_fn(x), "timm": lambda: theirs_fn(x_theirs)}, repeats, device
+            {"ours": lambda: ours_fn(x_ours), "timm": lambda: theirs_fn(x_theirs)},
+            repeats,
+            device,
+            budget_s=budget_s,
         )
     med = {k: statistics.median(v) for k, v in samples.items()}
     return {
@@ -242,7 +272,7 @@ def agreement_report(modes: list[str], device: torch.device, quick: bool) -> lis
     model = model.to(device)
     _, _, x_test, y_test = agreement.digits_images(size=model.patch_embed.img_size[0])
     x_test, y_test = x_test.to(device), y_test.to(device)
-    dtypes = {mode_dtype(m, device) for m in modes if m != "exact"}
+    dtypes = {mode_dtype(m, device) for m in modes if m not in EAGER_MODES}
     if device.type == "cpu":
         dtypes |= {torch.qint8, torch.bfloat16}  # both CPU trades, whichever this CPU picks by default
     lines = [
@@ -269,6 +299,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["exact", "fast"])
     parser.add_argument("--repeats", type=int, default=3, help="samples per measurement (medians reported)")
+    parser.add_argument(
+        "--sample-seconds", type=float, default=3.0, help="time per row for extra samples of the quick rows"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--no-agreement", action="store_true", help="skip the trained-model agreement check")
@@ -292,13 +325,18 @@ def main(argv: list[str] | None = None) -> None:
             "without x86 int8 kernels; emulated bf16 would only be slower)"
         )
     modes = args.modes
+    if device.type == "cpu" and pick_dtype(device) is not torch.bfloat16 and "bf16" in modes:
+        modes = [m for m in modes if m != "bf16"]
     if device.type != "cpu" and "fast-int8" in modes:
         skipped.append(f"fast-int8 rows: int8 linear layers run on the CPU only, not {device.type}")
         modes = [m for m in modes if m != "fast-int8"]
-    if any(m != "exact" for m in modes) and not compiler_available(device):
+    if device.type != "cuda" and "fast-nographs" in modes:
+        skipped.append(f"fast-nographs rows: CUDA graphs exist on CUDA only, not {device.type}")
+        modes = [m for m in modes if m != "fast-nographs"]
+    if any(m not in EAGER_MODES for m in modes) and not compiler_available(device):
         skipped.append(f"timm compiled rows: no torch.compile backend for {device.type} here")
-        modes = [m for m in modes if m == "exact"]
-    if any(m != "exact" for m in modes):
+        modes = [m for m in modes if m in EAGER_MODES]
+    if any(m not in EAGER_MODES for m in modes):
         # The compiler stack's one-time start-up (imports, the C++ toolchain probe) belongs to no model: pay it
         # here, not in the `ready` time of whichever model compiles first.
         torch.compile(lambda t: t * 2 + 1, dynamic=False)(torch.ones(8, device=device))
@@ -311,9 +349,9 @@ def main(argv: list[str] | None = None) -> None:
         + dtype_name(pick_dtype(device))
     )
     print(
-        f"{'variant':34} {'mode':9} {'dtype':8} {'bs':>3} | {'ours im/s':>9} {'timm im/s':>9} {'speedup':>7} | "
+        f"{'variant':34} {'mode':13} {'dtype':8} {'bs':>3} | {'ours im/s':>9} {'timm im/s':>9} {'speedup':>7} | "
         f"{'ours ms':>8} {'timm ms':>8} | {'ours %mm':>8} {'timm %mm':>8} | {'ours ready s':>12} "
-        f"{'timm ready s':>12} | {'diff fp32':>9}   (timm: eager for exact, torch.compile otherwise)"
+        f"{'timm ready s':>12} | {'diff fp32':>9}   (timm: eager for exact and bf16, torch.compile otherwise)"
     )
     notes = []
     for name in args.variants:
@@ -321,23 +359,23 @@ def main(argv: list[str] | None = None) -> None:
         ours, theirs = ours.to(device), theirs.to(device)
         notes.append(f"# {name}: fp32 parity with timm's model, max abs diff {diff:.1e}")
         gflop = 2 * VARIANTS[name].gmacs
-        fraction = executed_fraction(ours.cpu()) if any(m != "exact" for m in modes) else 1.0
+        fraction = executed_fraction(ours.cpu()) if any(m not in EAGER_MODES for m in modes) else 1.0
         ours.to(device)
         for mode in modes:
             for batch in args.batch_sizes:
-                r = run_row(mode, ours, theirs, batch, args.repeats, device)
+                r = run_row(mode, ours, theirs, batch, args.repeats, device, args.sample_seconds)
                 rate = rates[timm_dtype(mode_dtype(mode, device))]
-                executed = {"ours": gflop * (1.0 if mode == "exact" else fraction), "timm": gflop}
+                executed = {"ours": gflop * (1.0 if mode in EAGER_MODES else fraction), "timm": gflop}
                 pct = {k: 100 * executed[k] * batch / r[f"{k}_s"] / rate for k in ("ours", "timm")}
                 print(
-                    f"{name:34} {mode:9} {dtype_name(r['dtype']):8} {batch:>3} | {batch / r['ours_s']:9.1f} "
+                    f"{name:34} {mode:13} {dtype_name(r['dtype']):8} {batch:>3} | {batch / r['ours_s']:9.1f} "
                     f"{batch / r['timm_s']:9.1f} {r['speedup']:6.2f}x | {1e3 * r['ours_s']:8.1f} "
                     f"{1e3 * r['timm_s']:8.1f} | {pct['ours']:7.0f}% {pct['timm']:7.0f}% | "
                     f"{r['ours_ready']:12.2f} {r['timm_ready']:12.2f} | {r['drift']:9.1e}",
                     flush=True,
                 )
     lines = notes
-    if not args.no_agreement and any(m != "exact" for m in modes):
+    if not args.no_agreement and any(m not in EAGER_MODES for m in modes):
         lines += agreement_report(modes, device, args.quick_agreement)
     elif args.no_agreement:
         skipped.append("agreement on a trained model: --no-agreement")

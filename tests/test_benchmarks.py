@@ -33,17 +33,43 @@ def test_inference_benchmark_compares_with_timms_own_model():
 
 @pytest.mark.parametrize("mode, dtype", [("fast-fp32", torch.float32), ("fast-int8", torch.qint8)])
 def test_inference_benchmark_forced_modes_run_their_dtype(mode, dtype):
-    """The forced modes build our fast copy in their dtype, beside timm's model compiled in fp32."""
+    """The forced fast modes build our fast copy in their dtype, beside timm's model compiled in fp32."""
     pytest.importorskip("timm")
     inference = load_script("inference")
     ours, theirs, _ = inference.build_pair("deit_tiny_patch16_224")
-    fast_model, timm_compiled, got = inference.prepare(mode, ours, theirs, torch.device("cpu"))
+    fast_model, got = inference.prepare_ours(mode, ours)
+    timm_compiled = inference.prepare_timm(mode, theirs, got)
     assert (
         got is dtype
         and fast_model.dtype is dtype
         and inference.mode_dtype(mode, torch.device("cpu")) is dtype
     )
     assert inference.timm_dtype(got) is torch.float32 and timm_compiled is not theirs
+
+
+def test_inference_benchmark_bf16_mode_runs_both_models_eagerly_in_bf16():
+    pytest.importorskip("timm")
+    inference = load_script("inference")
+    ours, theirs, _ = inference.build_pair("deit_tiny_patch16_224")
+    ours_bf16, got = inference.prepare_ours("bf16", ours)
+    theirs_bf16 = inference.prepare_timm("bf16", theirs, got)
+    assert got is torch.bfloat16 and inference.mode_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert isinstance(ours_bf16, dr.DeiT) and type(theirs_bf16) is type(theirs)  # eager: not compiled
+    assert {p.dtype for p in ours_bf16.parameters()} == {p.dtype for p in theirs_bf16.parameters()} == {got}
+    assert next(ours.parameters()).dtype is torch.float32  # copies: the fp32 pair is untouched
+    x = torch.randn(1, 3, 224, 224, dtype=got)
+    with torch.inference_mode():
+        assert (ours_bf16(x).float() - theirs_bf16(x).float()).abs().max() < 0.1
+
+
+def test_inference_benchmark_skips_the_cuda_only_modes_on_cpu(capsys):
+    pytest.importorskip("timm")
+    inference = load_script("inference")
+    args = ["--variants", "deit_tiny_patch16_224", "--batch-sizes", "1", "--modes", "fast-nographs"]
+    inference.main(args + ["--repeats", "1", "--sample-seconds", "0"])
+    out = capsys.readouterr().out
+    assert "# skipped: fast-nographs rows: CUDA graphs exist on CUDA only, not cpu" in out
+    assert not [line for line in out.splitlines() if line.startswith("deit_tiny_patch16_224")]
 
 
 @pytest.mark.slow  # a timed run, even at its smallest setting
@@ -70,7 +96,7 @@ def test_inference_benchmark_fast_mode_against_timm_compiled(capsys):
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("deit_tiny_patch16_224"))
     picked = inference.dtype_name(inference.pick_dtype(torch.device("cpu")))
-    assert f" fast      {picked} " in row
+    assert row.split()[1:3] == ["fast", picked]
     assert "# CPU features: AVX2 " in out and "top-1 agreement with fp32" in out
     for dtype in ("qint8", "bfloat16"):  # both CPU trades are reported, whichever this CPU picks
         assert f"#   {dtype} " in out
