@@ -446,6 +446,30 @@ def test_4_hub_500_on_an_explicit_id_fails_by_the_deadline(env, server):
     assert "127.0.0.1" in str(err) and _fixes_named(str(err))
 
 
+@pytest.mark.parametrize("fault", [{"hang_up": 1000}, {"drop_after": 1000}])
+def test_4_a_hub_that_hangs_up_is_our_error_and_falls_back(env, server, monkeypatch, st, pth, models, fault):
+    """huggingface_hub 1.x's HTTP client (httpx) lets a connection closed without an answer escape as its own
+    exception: the explicit id gets our DownloadError, the default source falls back to the official file."""
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    server.routes[_hub_path()] = dataclasses.replace(server.routes[_hub_path()], **fault)
+    err = _bounded(lambda: _load(f"hf-hub:{HUB_REPO}"), DEADLINE_S + 1.5)
+    assert "127.0.0.1" in str(err) and _fixes_named(str(err)) and not weights.is_cached(TINY)
+    _official(monkeypatch, server, pth["ref"])
+    with pytest.warns(UserWarning, match="could not be used"):
+        assert _equal(_load(), models["ref"])
+
+
+def test_4_a_hub_connection_cut_once_is_tried_again(env, server, st, models):
+    """A connection closed under a Hub download (huggingface_hub closes its shared client when any thread's
+    request fails to connect) costs one more try, not the Hub copy."""
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    server.routes[_hub_path()] = dataclasses.replace(server.routes[_hub_path()], hang_up=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the Hub copy, no fallback
+        assert _equal(_load(), models["ref"])
+    assert server.requests[_hub_path()] >= 2
+
+
 def test_4_settings_are_validated(env, monkeypatch, server):
     monkeypatch.setenv("DEIT_REGISTRY_DOWNLOAD_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="DEIT_REGISTRY_DOWNLOAD_TIMEOUT"):

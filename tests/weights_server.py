@@ -24,6 +24,7 @@ class Route:
     content_length: bool = True  # False: no Content-Length, the body ends when the connection closes
     chunked: bool = False  # Transfer-Encoding: chunked (drop_after then cuts it inside a chunk)
     silent: bool = False  # accept the request and never answer
+    hang_up: int = 0  # read the first hang_up requests (HEAD or GET), then close without a word
     trickle_s: float = 0.0  # send one byte every trickle_s seconds
     fail_first: int = 0  # answer the first fail_first GETs with HTTP 500
 
@@ -34,6 +35,7 @@ class WeightsServer:
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
         self.gets: Counter[str] = Counter()
+        self.requests: Counter[str] = Counter()  # HEAD and GET
         self.closing = threading.Event()
         owner = self
 
@@ -56,6 +58,11 @@ class WeightsServer:
                     route = Route(b"not found", 404, headers={"X-Error-Code": "EntryNotFound"})
                 if not head and owner.gets[self.path.split("?")[0]] <= route.fail_first:
                     route = Route(b"temporarily unavailable", 500)
+                owner.requests[self.path.split("?")[0]] += 1
+                if owner.requests[self.path.split("?")[0]] <= route.hang_up:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 if route.silent:
                     owner.closing.wait(60)
                     self.close_connection = True

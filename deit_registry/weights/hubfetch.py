@@ -5,6 +5,7 @@ mirrors, tokens, offline mode, locks and etags), with what it lacks added around
   (``HF_HUB_ETAG_TIMEOUT``, ``HF_HUB_DOWNLOAD_TIMEOUT``) but retries connection errors and HTTP 5xx with
   back-off (about 25 s when the host does not resolve, over 90 s for a 500), and has no limit on a whole call;
 * a quick reachability check of the endpoint (one TCP connect), so an unreachable Hub falls back at once;
+* one more try when the connection is cut under a request (see ``fetch``);
 * our errors with the fix, instead of huggingface_hub's.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -144,17 +146,28 @@ def fetch(
     if not offline:
         clean_partials(repo)
 
+    def download() -> str:
+        return hf_hub_download(
+            repo_id=repo,
+            filename=filename,
+            revision=revision,
+            cache_dir=cache_dir(),
+            endpoint=os.environ.get("HF_ENDPOINT") or None,
+            local_files_only=offline,
+            etag_timeout=max(1.0, min(netlimits.read_timeout(), deadline.left())),
+        )
+
     def call() -> str:
         with _progress(progress):
-            return hf_hub_download(
-                repo_id=repo,
-                filename=filename,
-                revision=revision,
-                cache_dir=cache_dir(),
-                endpoint=os.environ.get("HF_ENDPOINT") or None,
-                local_files_only=offline,
-                etag_timeout=max(1.0, min(netlimits.read_timeout(), deadline.left())),
-            )
+            try:
+                return download()
+            except (*_transport_errors(), LocalEntryNotFoundError):
+                # A connection cut under the request, which huggingface_hub reports raw (httpx, 1.x) or as "not
+                # cached, cannot reach the Hub" (requests, before): the endpoint answered reachable() just now.
+                # huggingface_hub closes its shared HTTP client whenever a request in any thread fails to
+                # connect (http_backoff -> close_session), cutting other threads' downloads (an abandoned,
+                # still-retrying call of ours, say): one more try, on a fresh client.
+                return download()
 
     def timed_out() -> Exception:
         return DownloadError(
@@ -191,11 +204,22 @@ def fetch(
         ) from e
     except PermissionError as e:
         raise netlimits.not_writable(cache_dir() or "the Hugging Face cache (HF_HOME)", e) from e
-    except (HfHubHTTPError, OSError) as e:
-        raise DownloadError(f"fetching {filename} of {where} from {host} failed: {e}. {FIXES}") from e
+    except (HfHubHTTPError, OSError, *_transport_errors()) as e:
+        raise DownloadError(
+            f"fetching {filename} of {where} from {host} failed: {type(e).__name__}: {e}. {FIXES}"
+        ) from e
     if filename.endswith((".safetensors", ".bin", ".pth")):
         _check_or_evict(path, filename, where)
     return path
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The network errors of huggingface_hub's HTTP client that escape it raw (a connection dropped or reset
+    mid-response): ``TransportError`` of httpx (huggingface_hub 1.x) or httpx2 (2.x), whichever it has
+    imported. requests' errors (before 1.x) are OSErrors already. huggingface_hub offers no base class of its
+    own for them."""
+    errors = (getattr(sys.modules.get(name), "TransportError", None) for name in ("httpx", "httpx2"))
+    return tuple(e for e in errors if isinstance(e, type) and issubclass(e, Exception))
 
 
 def _check_or_evict(path: Path, filename: str, where: str) -> None:
