@@ -319,24 +319,26 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {datetime.date.today()}  torch {torch.__version__}  {where}  threads={torch.get_num_threads()}")
     print(f"# CPU features: {cpu_features()}")
     skipped = []
+    unavailable: dict[
+        str, str | None
+    ] = {}  # mode -> why it cannot run here (None: said in `skipped` already)
     if device.type == "cpu" and pick_dtype(device) is not torch.bfloat16:
         skipped.append(
             "bf16 rows: no native bf16 on this CPU (the fast mode runs dynamic int8 linears here, or fp32 "
             "without x86 int8 kernels; emulated bf16 would only be slower)"
         )
-    modes = args.modes
-    if device.type == "cpu" and pick_dtype(device) is not torch.bfloat16 and "bf16" in modes:
-        modes = [m for m in modes if m != "bf16"]
-    if device.type != "cpu" and "fast-int8" in modes:
-        skipped.append(f"fast-int8 rows: int8 linear layers run on the CPU only, not {device.type}")
-        modes = [m for m in modes if m != "fast-int8"]
-    if device.type != "cuda" and "fast-nographs" in modes:
-        skipped.append(f"fast-nographs rows: CUDA graphs exist on CUDA only, not {device.type}")
-        modes = [m for m in modes if m != "fast-nographs"]
-    if any(m not in EAGER_MODES for m in modes) and not compiler_available(device):
+        unavailable["bf16"] = None
+    if device.type != "cpu":
+        unavailable["fast-int8"] = f"int8 linear layers run on the CPU only, not {device.type}"
+    if device.type != "cuda":
+        unavailable["fast-nographs"] = f"CUDA graphs exist on CUDA only, not {device.type}"
+    if any(m not in EAGER_MODES for m in args.modes) and not compiler_available(device):
+        unavailable.update({m: None for m in MODES if m not in EAGER_MODES})
         skipped.append(f"timm compiled rows: no torch.compile backend for {device.type} here")
-        modes = [m for m in modes if m in EAGER_MODES]
-    if any(m not in EAGER_MODES for m in modes):
+    modes = [m for m in args.modes if m not in unavailable]
+    skipped += [f"{m} rows: {unavailable[m]}" for m in args.modes if unavailable.get(m)]
+    compiling = any(m not in EAGER_MODES for m in modes)
+    if compiling:
         # The compiler stack's one-time start-up (imports, the C++ toolchain probe) belongs to no model: pay it
         # here, not in the `ready` time of whichever model compiles first.
         torch.compile(lambda t: t * 2 + 1, dynamic=False)(torch.ones(8, device=device))
@@ -359,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         ours, theirs = ours.to(device), theirs.to(device)
         notes.append(f"# {name}: fp32 parity with timm's model, max abs diff {diff:.1e}")
         gflop = 2 * VARIANTS[name].gmacs
-        fraction = executed_fraction(ours.cpu()) if any(m not in EAGER_MODES for m in modes) else 1.0
+        fraction = executed_fraction(ours.cpu()) if compiling else 1.0
         ours.to(device)
         for mode in modes:
             for batch in args.batch_sizes:
@@ -375,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
     lines = notes
-    if not args.no_agreement and any(m not in EAGER_MODES for m in modes):
+    if not args.no_agreement and compiling:
         lines += agreement_report(modes, device, args.quick_agreement)
     elif args.no_agreement:
         skipped.append("agreement on a trained model: --no-agreement")

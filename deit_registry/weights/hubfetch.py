@@ -162,6 +162,8 @@ def fetch(
             try:
                 return download()
             except (*_transport_errors(), LocalEntryNotFoundError):
+                if offline:  # a cache miss, not a cut: trying again finds nothing more
+                    raise
                 # A connection cut under the request, which huggingface_hub reports raw (httpx, 1.x) or as "not
                 # cached, cannot reach the Hub" (requests, before): the endpoint answered reachable() just now.
                 # huggingface_hub closes its shared HTTP client whenever a request in any thread fails to
