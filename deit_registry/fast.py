@@ -26,7 +26,8 @@ traded: **start-up time** for the compiled dtypes (the first call per input shap
 faster, and so are later processes where inductor's on-disk cache can keep the graph: all but the frozen
 half-precision CPU graphs) and **flexibility** (inference only, under ``torch.inference_mode()``; the weights
 are copied, so later edits to the original model are not seen; each new input shape compiles again,
-``dynamic=False``, up to ``_RECOMPILE_LIMIT`` = 64 graphs per process; a CUDA graph per shape also keeps
+``dynamic=False``, up to ``_RECOMPILE_LIMIT`` = 64 graphs per process; a large CPU batch runs in
+pieces of a power-of-two size, and a remainder compiles a graph of its own; a CUDA graph per shape also keeps
 its activations' memory).
 
 How, on CPU, when compiling in half precision: weight freezing, so the linears run as pre-packed oneDNN
@@ -210,55 +211,80 @@ class FastInferenceModel(nn.Module):
         out_dtype = x.dtype if x.is_floating_point() else torch.float32
         x = x.to(device=self.device, dtype=self.input_dtype if x.is_floating_point() else x.dtype)
         with torch.inference_mode():
-            if self._compiled is not None:
-                key = _input_key(x, args, kwargs)
-                settings = (
-                    contextlib.nullcontext()
-                    if key in self._compiled_inputs
-                    else _compile_settings(self.device, self.dtype)
-                )
+            size = self._chunk_size(x) if not (args or kwargs) else None
+            out = None
+            if size is not None and size < len(x):
+                chunks = x.split(size)
                 try:
-                    with settings:
-                        out = self._compiled(x, *args, **kwargs)
-                    if key is not None:
-                        self._compiled_inputs.add(key)
-                except _compiler_internals().compile_errors as err:
-                    limit_error = _compiler_internals().recompile_limit_error
-                    reason = (
-                        f"this process already holds {_RECOMPILE_LIMIT} compiled DeiT graphs (one per input "
-                        "shape, and per model with frozen weights; raise deit_registry.fast._RECOMPILE_LIMIT or "
-                        "reuse fast models)"
-                        if limit_error is not None and isinstance(err, limit_error)
-                        else f"{type(err).__name__}: {str(err).splitlines()[0]}"
-                    )
-                    warnings.warn(
-                        f"torch.compile failed ({reason}); running this model eagerly in {self.dtype} instead "
-                        "(pass compile=False to skip compiling)",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                    self.__dict__["_compiled"] = None
-                    out = self.model(x, *args, **kwargs)
-            elif self._chunk_shape is not None and not (args or kwargs) and x.dim() == 4:
-                chunks = x.split(_images_per_chunk(x, *self._chunk_shape))
-                try:
-                    out = _concat([self.model(chunk) for chunk in chunks], [len(c) for c in chunks])
+                    out = _concat([self._run(chunk, (), {}) for chunk in chunks], [len(c) for c in chunks])
                 except _NotBatched:  # an output that is not batch-first: run the batch in one piece
-                    out = self.model(x)
-            else:
-                out = self.model(x, *args, **kwargs)
+                    out = None
+            if out is None:
+                out = self._run(x, args, kwargs)
         # A CUDA graph's outputs live in its memory pool, which the next call overwrites: always hand out copies.
         return _cast_floats(out, out_dtype, copy=self.cuda_graphs)
+
+    def _chunk_size(self, x: torch.Tensor) -> int | None:
+        """Images per piece of a CPU batch (see ``_CHUNK_BYTES``), or None to run it whole.
+
+        Eager runs keep every MLP activation under ``_CHUNK_BYTES``. Compiled graphs are split only where the
+        whole batch's would reach glibc's highest mmap threshold, into a power of two under ``_CHUNK_BYTES``,
+        so that common batch sizes compile one graph (a remainder adds a second)."""
+        if self._chunk_shape is None or x.dim() != 4:
+            return None
+        hidden, patch_pixels, prefix = self._chunk_shape
+        tokens = x.shape[-2] * x.shape[-1] // patch_pixels + prefix
+        if self._compiled is None:  # eager activations: fp32, also around int8 linears
+            return max(1, _CHUNK_BYTES // (tokens * hidden * 4))
+        per_image = tokens * hidden * self.input_dtype.itemsize
+        if len(x) * per_image < _MMAP_MAX_BYTES:
+            return None
+        return 1 << (max(1, _CHUNK_BYTES // per_image).bit_length() - 1)
+
+    def _run(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self._compiled is None:
+            return self.model(x, *args, **kwargs)
+        key = _input_key(x, args, kwargs)
+        settings = (
+            contextlib.nullcontext()
+            if key in self._compiled_inputs
+            else _compile_settings(self.device, self.dtype)
+        )
+        try:
+            with settings:
+                out = self._compiled(x, *args, **kwargs)
+        except _compiler_internals().compile_errors as err:
+            limit_error = _compiler_internals().recompile_limit_error
+            reason = (
+                f"this process already holds {_RECOMPILE_LIMIT} compiled DeiT graphs (one per input "
+                "shape, and per model with frozen weights; raise deit_registry.fast._RECOMPILE_LIMIT or "
+                "reuse fast models)"
+                if limit_error is not None and isinstance(err, limit_error)
+                else f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            )
+            warnings.warn(
+                f"torch.compile failed ({reason}); running this model eagerly in {self.dtype} instead "
+                "(pass compile=False to skip compiling)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.__dict__["_compiled"] = None
+            return self.model(x, *args, **kwargs)
+        if key is not None:
+            self._compiled_inputs.add(key)
+        return out
 
     def extra_repr(self) -> str:
         return f"dtype={self.dtype}, device={self.device}, compiled={self.compiled}, cuda_graphs={self.cuda_graphs}"
 
 
 # glibc serves blocks above 32 MiB (its highest mmap threshold) straight from the kernel and returns them on
-# free, so an activation that large is page-faulted anew on every call (a GELU costs several times its
-# in-place version). Eager CPU runs therefore take the batch in chunks whose largest activation, the MLP's
-# hidden layer, stays well below that; compiled graphs keep whole batches (each chunk size would compile).
+# free, so an activation that large is page-faulted anew on every call: a GELU costs several times its in-place
+# version, and a compiled deit_base's batch of 32 spent a fifth of its time in page faults (bf16, AMX CPU).
+# CPU runs therefore take large batches in pieces whose MLP activation stays well below that
+# (FastInferenceModel._chunk_size).
 _CHUNK_BYTES = 16 * 2**20
+_MMAP_MAX_BYTES = 32 * 2**20
 
 
 def _chunk_shape(model: nn.Module) -> tuple[int, int, int] | None:
@@ -270,11 +296,6 @@ def _chunk_shape(model: nn.Module) -> tuple[int, int, int] | None:
     hidden = max(block.mlp.fc1.out_features for block in deit.blocks)
     ph, pw = deit.patch_embed.patch_size
     return hidden, ph * pw, deit.num_prefix_tokens
-
-
-def _images_per_chunk(x: torch.Tensor, hidden: int, patch_pixels: int, prefix: int) -> int:
-    tokens = x.shape[-2] * x.shape[-1] // patch_pixels + prefix
-    return max(1, _CHUNK_BYTES // (tokens * hidden * 4))
 
 
 class _NotBatched(Exception):

@@ -533,7 +533,7 @@ def test_eager_cpu_runs_take_large_batches_in_chunks(monkeypatch):
     assert (hidden, patch_pixels, prefix) == (4 * 96, 16 * 16, 2)
     per_image = (64 * 64 // patch_pixels + prefix) * hidden * 4
     monkeypatch.setattr(fast, "_CHUNK_BYTES", 2 * per_image)  # chunks of 2, 2 and 1 images
-    assert fast._images_per_chunk(x, hidden, patch_pixels, prefix) == 2
+    assert fast_probe._chunk_size(x) == 2
     calls = []
     handle = fast_probe.model.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
     features, logits = fast_probe(x)
@@ -545,6 +545,41 @@ def test_eager_cpu_runs_take_large_batches_in_chunks(monkeypatch):
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
     joined = fast._concat([{"a": torch.ones(1), "n": None}, {"a": torch.zeros(2), "n": None}], [1, 2])
     assert joined["a"].tolist() == [1, 0, 0] and joined["n"] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_cpu_runs_split_only_batches_that_reach_mmap_sizes(monkeypatch, dtype):
+    """A compiled graph sees the whole batch unless its MLP activation would reach glibc's highest mmap
+    threshold; then pieces of one power-of-two size (one graph) and the remainder, joined in order. A stand-in
+    for the compiled function records the batch sizes it is given."""
+    model = small_deit().to(dtype)
+    seen = []
+
+    def compiled(x, *args):
+        seen.append(len(x))
+        return model(x)
+
+    fast_model = fast.FastInferenceModel(model, dtype, compiled)
+    hidden, patch_pixels, prefix = fast_model._chunk_shape
+    per_image = (64 * 64 // patch_pixels + prefix) * hidden * dtype.itemsize  # bf16 halves it
+    monkeypatch.setattr(fast, "_MMAP_MAX_BYTES", 5 * per_image)
+    monkeypatch.setattr(fast, "_CHUNK_BYTES", 3 * per_image)  # at most 3 images: pieces of 2
+    x = images(7).to(dtype)
+    for n, pieces in ((4, [4]), (5, [2, 2, 1]), (7, [2, 2, 2, 1]), (1, [1])):
+        seen.clear()
+        out = fast_model(x[:n])
+        assert seen == pieces
+        with torch.inference_mode():
+            torch.testing.assert_close(
+                out, model(x[:n]), rtol=0, atol=1e-5 if dtype is torch.float32 else 2e-2
+            )
+    seen.clear()
+    fast_model(x[:5], "an extra argument")  # not known to be per image: the batch goes through whole
+    assert seen == [5]
+    monkeypatch.setattr(fast, "_CHUNK_BYTES", 1)  # under one image: pieces of one
+    seen.clear()
+    fast_model(x[:5])
+    assert seen == [1] * 5
 
 
 class _NotBatchFirst(nn.Module):
