@@ -280,7 +280,7 @@ class FastInferenceModel(nn.Module):
 
 # glibc serves blocks above 32 MiB (its highest mmap threshold) straight from the kernel and returns them on
 # free, so an activation that large is page-faulted anew on every call: a GELU costs several times its in-place
-# version, and a compiled deit_base's batch of 32 spent a fifth of its time in page faults (bf16, AMX CPU).
+# version, and a compiled deit_base batch of 32 lost a large share of its time to them.
 # CPU runs therefore take large batches in pieces whose MLP activation stays well below that
 # (FastInferenceModel._chunk_size).
 _CHUNK_BYTES = 16 * 2**20
