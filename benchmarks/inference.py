@@ -319,9 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {datetime.date.today()}  torch {torch.__version__}  {where}  threads={torch.get_num_threads()}")
     print(f"# CPU features: {cpu_features()}")
     skipped = []
-    unavailable: dict[
-        str, str | None
-    ] = {}  # mode -> why it cannot run here (None: said in `skipped` already)
+    # mode -> why it cannot run here (None: said in `skipped` already)
+    unavailable: dict[str, str | None] = {}
     if device.type == "cpu" and pick_dtype(device) is not torch.bfloat16:
         skipped.append(
             "bf16 rows: no native bf16 on this CPU (the fast mode runs dynamic int8 linears here, or fp32 "

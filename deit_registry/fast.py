@@ -212,14 +212,13 @@ class FastInferenceModel(nn.Module):
         x = x.to(device=self.device, dtype=self.input_dtype if x.is_floating_point() else x.dtype)
         with torch.inference_mode():
             size = self._chunk_size(x) if not (args or kwargs) else None
-            out = None
             if size is not None and size < len(x):
                 chunks = x.split(size)
                 try:
                     out = _concat([self._run(chunk, (), {}) for chunk in chunks], [len(c) for c in chunks])
                 except _NotBatched:  # an output that is not batch-first: run the batch in one piece
-                    out = None
-            if out is None:
+                    out = self._run(x, (), {})
+            else:
                 out = self._run(x, args, kwargs)
         # A CUDA graph's outputs live in its memory pool, which the next call overwrites: always hand out copies.
         return _cast_floats(out, out_dtype, copy=self.cuda_graphs)
