@@ -30,14 +30,16 @@ are copied, so later edits to the original model are not seen; each new input sh
 pieces of a power-of-two size, and a remainder compiles a graph of its own; a CUDA graph per shape also keeps
 its activations' memory).
 
-How, on CPU, when compiling in half precision: weight freezing, so the linears run as pre-packed oneDNN
-kernels with bias, GELU and the residual add fused. Everything else (fp32 on CPU, any dtype on GPU) compiles
-plainly, unfrozen (freezing was not faster there): its graph stays in inductor's on-disk cache for later
-processes and is shared by every fast model of the same dtype and shape. On GPUs the speed comes from the
-CUDA graphs. Nothing compiles with inductor's C++ wrapper: it ran batch 1 a little faster on CPU, but its
-source names the frozen weights' addresses, so every process compiles it again, for seconds.
-Attention is the model's own choice (``fused_attn``, on by default: ``scaled_dot_product_attention``, whose
-fused kernels were the faster path on every device and dtype measured).
+How, on CPUs with AMX, when compiling in half precision: weight freezing, so the linears run as pre-packed
+oneDNN kernels with bias, GELU and the residual add fused. Everything else compiles plainly, unfrozen
+(freezing was not faster there): its graph stays in inductor's on-disk cache for later processes and is
+shared by every fast model of the same dtype and shape. On GPUs the speed comes from the CUDA graphs. Nothing
+compiles with inductor's C++ wrapper: it ran batch 1 a little faster on CPU, but its source names the frozen
+weights' addresses, so every process compiles it again, for seconds. Attention is the model's own choice
+(``fused_attn``, on by default: ``scaled_dot_product_attention``), except in half precision on CPUs without
+AMX (AVX512-BF16 alone, e.g. AMD Zen 4 and 5): torch's fused CPU kernel is slow in bf16 there, and the copy
+computes two batched matmuls and a softmax instead; compiled, its linears there also add their bias after
+the matmul, so the add fuses into the next pointwise kernel (:class:`_LinearThenBias`).
 
 The copy's blocks run an inference-only forward of their own (:class:`InferenceBlock`, the same modules and
 weights): GELU overwrites fc1's output in place (one large buffer fewer per block in eager mode), and when the
@@ -77,6 +79,7 @@ __all__ = [
 ]
 
 _ALLOWED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.qint8)
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 # The quantized engines with x86 int8 kernels (FBGEMM / oneDNN); others (QNNPACK on Arm) keep fp32.
 _INT8_ENGINES = ("x86", "fbgemm", "onednn")
@@ -106,6 +109,28 @@ def _cpu_has_native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # the op moved or is missing in this build: assume emulated
         return False
+
+
+@functools.cache
+def _cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU has AMX for bf16, as Linux reports it in ``cpuinfo`` (elsewhere: assumed not).
+
+    torch's fused CPU attention kernel and oneDNN's pre-packed bf16 linears are fast with AMX; without it
+    (AVX512-BF16 alone, e.g. AMD Zen 4 and 5) the fused attention kernel runs bf16 at a fraction of the
+    speed of two batched matmuls and a softmax. No public torch API reports AMX."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def _prepacks(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether compiles freeze the weights into pre-packed oneDNN kernels: half precision on a CPU with AMX."""
+    return device.type == "cpu" and dtype in _HALF_DTYPES and _cpu_has_amx()
 
 
 def compiler_available(device: torch.device) -> bool:
@@ -427,6 +452,33 @@ def _quantize_linears(model: nn.Module) -> bool:
     return True
 
 
+class _LinearThenBias(nn.Linear):
+    """An ``nn.Linear`` (same parameters and keys) that adds its bias after the matmul.
+
+    For compiled half precision on CPUs without AMX, whose graphs are not frozen: aten's CPU ``addmm`` copies
+    the broadcast bias into its output before the matmul, a pass over every linear's output, whereas a
+    separate add fuses into the pointwise kernel that follows (GELU, the residual add, the head split)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.linear(x, self.weight)
+        return out if self.bias is None else out + self.bias
+
+
+def _tune_for_cpus_without_amx(model: nn.Module, compiled: bool) -> None:
+    """Half precision on a CPU without AMX: attention as two matmuls and a softmax (torch's fused CPU kernel
+    is fast in bf16 only with AMX) and, when compiled, biases added after the matmuls (:class:`_LinearThenBias`)."""
+    for module in model.modules():
+        if isinstance(getattr(module, "fused_attn", None), bool):
+            module.fused_attn = False
+        for name, child in list(module.named_children()):
+            if compiled and type(child) is nn.Linear:
+                replacement = _LinearThenBias(
+                    child.in_features, child.out_features, bias=child.bias is not None, device="meta"
+                )
+                replacement.weight, replacement.bias = child.weight, child.bias
+                setattr(module, name, replacement)
+
+
 def _compile(model: nn.Module, cuda_graphs: bool) -> Any:
     # dynamic=False: DeiT runs at a few fixed shapes, and static shapes generate the fastest kernels.
     # "reduce-overhead" replays each shape's kernels as one CUDA graph: without it a small batch on a GPU is
@@ -447,9 +499,10 @@ def _compile_settings(device: torch.device, dtype: torch.dtype) -> contextlib.Ex
       oneDNN and fuse bias, GELU and the residual add into the matmuls (without it the compiled bf16 model
       spends a sizeable share of its time broadcasting biases into ``addmm`` outputs). It applies
       only with grad disabled, which the wrapper guarantees.
-    * Only there, in half precision: fp32 on CPU and every GPU dtype measured no faster frozen, and frozen
-      graphs miss inductor's on-disk cache (pre-packed weights do not pickle; on GPUs the weights would become
-      constants of each graph), so every new process would compile from scratch.
+    * Only there, in half precision on a CPU with AMX (:func:`_prepacks`): fp32 on CPU, half precision on
+      CPUs without AMX (with :class:`_LinearThenBias`) and every GPU dtype measured no faster frozen, and
+      frozen graphs miss inductor's on-disk cache (pre-packed weights do not pickle; on GPUs the weights would
+      become constants of each graph), so every new process would compile from scratch.
     * Dynamo's recompile limit is raised to ``_RECOMPILE_LIMIT`` entries, and hitting it raises instead of
       quietly running eagerly, so the wrapper can fall back with a warning.
 
@@ -460,8 +513,7 @@ def _compile_settings(device: torch.device, dtype: torch.dtype) -> contextlib.Ex
     stack = contextlib.ExitStack()
     inductor_config = _compiler_internals().inductor_config
     if inductor_config is not None:
-        freeze = device.type == "cpu" and dtype is not torch.float32
-        stack.enter_context(inductor_config.patch(freezing=freeze))
+        stack.enter_context(inductor_config.patch(freezing=_prepacks(device, dtype)))
     config = _compiler_internals().limit_config
     if config is not None:
         limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
@@ -484,10 +536,10 @@ def optimize_for_inference(
             bfloat16 on CPUs with AVX512-BF16/AMX and recent GPUs, float16 on older GPUs, ``torch.qint8`` on
             other x86 CPUs, else float32). ``torch.qint8`` (CPU only): dynamic int8 linear layers, the rest
             fp32.
-        compile: ``torch.compile`` it with inductor (weights frozen for half precision on CPU); ``None`` compiles
-            when a compiler is available for the device (:func:`compiler_available`) and the dtype is not
-            ``torch.qint8`` (compiling around the int8 layers is slower than running them eagerly), ``False``
-            never, ``True`` always (falling back to eager with a warning if compilation fails).
+        compile: ``torch.compile`` it with inductor (weights frozen for half precision on CPUs with AMX);
+            ``None`` compiles when a compiler is available for the device (:func:`compiler_available`) and the
+            dtype is not ``torch.qint8`` (compiling around the int8 layers is slower than running them eagerly),
+            ``False`` never, ``True`` always (falling back to eager with a warning if compilation fails).
         cuda_graphs: with ``compile``, replay each input shape's compiled kernels as one CUDA graph
             (``torch.compile(mode="reduce-overhead")``): far less launch overhead at small batches, for GPU
             memory held per shape. ``None``: on for models on CUDA. The graph overwrites its outputs on the
@@ -542,6 +594,8 @@ def optimize_for_inference(
                 RuntimeWarning,
                 stacklevel=2,
             )
+    if device.type == "cpu" and dtype in _HALF_DTYPES and not _cpu_has_amx():
+        _tune_for_cpus_without_amx(converted, compiled=bool(compile))
     cuda_graphs = bool(compile) and device.type == "cuda" and cuda_graphs is not False
     if compile:
         try:

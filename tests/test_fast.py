@@ -100,23 +100,24 @@ def inductor_cache_artifacts() -> int:
 
 
 @pytest.mark.slow  # compiles with inductor: about a minute on 2 CPU cores
-@pytest.mark.parametrize("call", ["default", "fp32"])
-def test_compiled_calls_stay_close_to_fp32(call):
+@pytest.mark.parametrize("call", ["default-amx", "default-no-amx", "fp32"])
+def test_compiled_calls_stay_close_to_fp32(call, monkeypatch):
     """The documented call compiles where it picks a float dtype (bf16 on CPUs with native bf16; int8 runs
-    eagerly), and ``dtype=torch.float32`` always compiles: bf16 into pre-packed oneDNN linears, fp32 into a
-    plain graph that inductor's on-disk cache keeps for the next process (frozen, pre-packed graphs it
-    cannot)."""
+    eagerly), and ``dtype=torch.float32`` always compiles: bf16 into pre-packed oneDNN linears where the CPU
+    has AMX, everything else into a plain graph that inductor's on-disk cache keeps for the next process
+    (frozen, pre-packed graphs it cannot). Both bf16 plans run on any CPU with native bf16."""
     if not fast.compiler_available(torch.device("cpu")):
         pytest.skip("needs a C++ compiler for torch.compile's CPU backend")
-    if call == "default" and not NATIVE_BF16:
+    if call != "fp32" and not NATIVE_BF16:
         pytest.skip(
             "this CPU has no native bf16: the default call runs int8 eagerly (tested without compiling)"
         )
-    expected_dtype = torch.bfloat16 if call == "default" else torch.float32
+    monkeypatch.setattr(fast, "_cpu_has_amx", lambda: call == "default-amx")
+    expected_dtype = torch.float32 if call == "fp32" else torch.bfloat16
     model = small_deit()
     x = images()
     probe = Probe(model, x).eval()
-    fast_probe = fast.optimize_for_inference(probe, **({} if call == "default" else {"dtype": torch.float32}))
+    fast_probe = fast.optimize_for_inference(probe, **({"dtype": torch.float32} if call == "fp32" else {}))
     assert fast_probe.compiled and fast_probe.dtype == expected_dtype
     from torch._inductor.utils import run_and_get_code
 
@@ -125,29 +126,85 @@ def test_compiled_calls_stay_close_to_fp32(call):
     _, sources = run_and_get_code(assert_close_to_fp32, probe, fast_probe, x)
     assert fast_probe.compiled  # no silent fallback happened
     code = "\n".join(sources)
-    if expected_dtype is torch.float32:
-        # Compiled plainly: a Python wrapper, MKL's addmm with the weights as graph inputs (not frozen), and
-        # the graph went to inductor's cache (saved or loaded: either way recorded) for the next process.
-        assert "def call(" in code and "inductor_entry" not in code
+    assert "def call(" in code and "inductor_entry" not in code  # a Python wrapper, no C++ one
+    if call == "fp32":
+        # Compiled plainly: MKL's addmm with the weights as graph inputs (not frozen), and the graph went to
+        # inductor's cache (saved or loaded: either way recorded) for the next process.
         assert "addmm" in code and not re.search(r"_linear_pointwise|_mkl_linear", code)
+        assert inductor_cache_artifacts() > cached_before
+    elif call == "default-no-amx":
+        # Plain and cached as well; the blocks' biases are added after plain matmuls (8 linears; inductor
+        # folds the bias of the probe's classifier, on 2-D features, back into one addmm), and attention is
+        # two batched matmuls and a softmax instead of the fused kernel.
+        assert len(re.findall(r"extern_kernels\.mm\(", code)) == 8
+        assert len(re.findall(r"extern_kernels\.addmm\(", code)) <= 1
+        assert not re.search(r"_linear_pointwise|_mkl_linear|scaled_dot_product", code)
+        assert re.search(r"extern_kernels\.bmm\(", code)
         assert inductor_cache_artifacts() > cached_before
     else:
         # Frozen: oneDNN kernels with pre-packed weights and bias and GELU fused, no addmm call at all (the
-        # generated comments still name the aten ops they replace), called from Python (no C++ wrapper);
-        # attention stays the fused kernel.
-        assert "def call(" in code and "inductor_entry" not in code
+        # generated comments still name the aten ops they replace); attention stays the fused kernel.
         assert "_linear_pointwise" in code and re.search(r"""_linear_pointwise\S*\(.*'gelu'""", code)
         assert not re.search(r"(extern_kernels\.addmm|aten\.addmm\.default)\(", code)
         assert "scaled_dot_product" in code
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_fast_copy_keeps_the_models_attention_switch(fused):
+def test_fast_copy_keeps_the_models_attention_switch(fused, monkeypatch):
+    monkeypatch.setattr(fast, "_cpu_has_amx", lambda: True)
     model = small_deit()
     for block in model.blocks:
         block.attn.fused_attn = fused
-    fast_model = fast.optimize_for_inference(model, dtype=torch.bfloat16, compile=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # emulated bf16 on CPUs without it
+        fast_model = fast.optimize_for_inference(model, dtype=torch.bfloat16, compile=False)
     assert all(b.attn.fused_attn is fused for b in fast_model.model.blocks)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_cpus_without_amx(dtype, monkeypatch):
+    """There the copy's attention is two matmuls and a softmax (torch's fused CPU kernel is slow in bf16
+    without AMX), and compiled copies add each bias after its matmul; fp32 and the original are untouched."""
+    monkeypatch.setattr(fast, "_cpu_has_amx", lambda: False)
+    monkeypatch.setattr(fast, "_compile", lambda model, device: torch.compile(model, backend="eager"))
+    model = small_deit()
+    x = images(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # emulated bf16 on CPUs without it
+        eager, compiled, fp32 = (
+            fast.optimize_for_inference(model, dtype=d, compile=c)
+            for d, c in ((dtype, False), (dtype, True), (torch.float32, True))
+        )
+    linears = [type(m) for m in compiled.model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 10 and set(linears) == {fast._LinearThenBias}  # 4 per block, 2 heads
+    assert not any(isinstance(m, fast._LinearThenBias) for f in (eager, fp32) for m in f.modules())
+    for fast_model, fused in ((eager, False), (compiled, False), (fp32, True)):
+        assert [b.attn.fused_attn for b in fast_model.model.blocks] == [fused, fused]
+    assert all(b.attn.fused_attn for b in model.blocks) and not any(
+        isinstance(m, fast._LinearThenBias) for m in model.modules()
+    )
+    assert compiled.model.state_dict().keys() == model.state_dict().keys()
+    with torch.inference_mode():
+        reference = model(x)
+        for fast_model in (eager, compiled):
+            cosine = nn.functional.cosine_similarity(fast_model(x), reference, dim=1)
+            assert cosine.min() > 0.999
+        # The same arithmetic as nn.Linear, up to rounding
+        linear = small_deit().blocks[0].mlp.fc1
+        split = fast._LinearThenBias(linear.in_features, linear.out_features, device="meta")
+        split.weight, split.bias = linear.weight, linear.bias
+        h = torch.randn(2, 5, linear.in_features)
+        torch.testing.assert_close(split(h), linear(h), rtol=0, atol=1e-5)
+
+
+def test_amx_probe_reads_the_cpu_flags(tmp_path):
+    flags = "flags\t\t: fpu avx2 avx512f avx512_bf16 {}\nbugs\t\t: none\n"
+    for extra, expected in (("amx_bf16 amx_tile amx_int8", True), ("avx512_vnni", False)):
+        cpuinfo = tmp_path / f"cpuinfo-{expected}"
+        cpuinfo.write_text("processor\t: 0\n" + flags.format(extra))
+        assert fast._cpu_has_amx(str(cpuinfo)) is expected
+    assert fast._cpu_has_amx(str(tmp_path / "missing")) is False  # no /proc/cpuinfo: not Linux
+    assert isinstance(fast._cpu_has_amx(), bool)
 
 
 def explicit_attention_flops(model: nn.Module, x: torch.Tensor) -> int:
@@ -277,7 +334,12 @@ def test_unfrozen_fast_models_share_their_graph(monkeypatch):
     torch._dynamo.reset()
     monkeypatch.setattr(fast, "_compile", lambda model, device: torch.compile(model, backend=backend))
     x = images(2)
-    for dtype, expected in ((torch.float32, 1), (torch.bfloat16, 2)):
+    for dtype, amx, expected in (
+        (torch.float32, True, 1),
+        (torch.bfloat16, True, 2),
+        (torch.bfloat16, False, 1),
+    ):
+        monkeypatch.setattr(fast, "_cpu_has_amx", lambda amx=amx: amx)  # frozen (pre-packed) with AMX only
         graphs.clear()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # emulated bf16 on CPUs without it
@@ -308,7 +370,7 @@ def test_compile_settings_only_for_new_shapes(monkeypatch):
     assert len(entered) == 2 and fast_model.compiled
 
 
-def test_compile_settings_are_scoped():
+def test_compile_settings_are_scoped(monkeypatch):
     from torch._dynamo import config as dynamo_config
     from torch._inductor import config as inductor_config
 
@@ -316,16 +378,18 @@ def test_compile_settings_are_scoped():
         return inductor_config.freezing, inductor_config.cpp_wrapper, dynamo_config.recompile_limit
 
     before = state()
-    # (device, dtype) -> freezing: only half precision on CPU freezes; the rest compiles plainly, so inductor
-    # can cache its graph; the C++ wrapper stays as the user has it (off by default)
+    # (device, dtype, AMX) -> freezing: only half precision on a CPU with AMX freezes; the rest compiles
+    # plainly, so inductor can cache its graph; the C++ wrapper stays as the user has it (off by default)
     expected = {
-        ("cpu", torch.bfloat16): True,
-        ("cpu", torch.float16): True,
-        ("cpu", torch.float32): False,
-        ("cuda", torch.bfloat16): False,
-        ("cuda", torch.float32): False,
+        ("cpu", torch.bfloat16, True): True,
+        ("cpu", torch.float16, True): True,
+        ("cpu", torch.bfloat16, False): False,
+        ("cpu", torch.float32, True): False,
+        ("cuda", torch.bfloat16, True): False,
+        ("cuda", torch.float32, False): False,
     }
-    for (device, dtype), freezing in expected.items():
+    for (device, dtype, amx), freezing in expected.items():
+        monkeypatch.setattr(fast, "_cpu_has_amx", lambda amx=amx: amx)
         with fast._compile_settings(torch.device(device), dtype):
             assert (inductor_config.freezing, inductor_config.cpp_wrapper) == (freezing, before[1])
             assert (
