@@ -128,9 +128,13 @@ def _cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return False
 
 
+def _half_on_cpu(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype in _HALF_DTYPES
+
+
 def _prepacks(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether compiles freeze the weights into pre-packed oneDNN kernels: half precision on a CPU with AMX."""
-    return device.type == "cpu" and dtype in _HALF_DTYPES and _cpu_has_amx()
+    return _half_on_cpu(device, dtype) and _cpu_has_amx()
 
 
 def compiler_available(device: torch.device) -> bool:
@@ -470,8 +474,8 @@ def _tune_for_cpus_without_amx(model: nn.Module, compiled: bool) -> None:
     for module in model.modules():
         if isinstance(getattr(module, "fused_attn", None), bool):
             module.fused_attn = False
-        for name, child in list(module.named_children()):
-            if compiled and type(child) is nn.Linear:
+        for name, child in list(module.named_children()) if compiled else ():
+            if type(child) is nn.Linear:
                 replacement = _LinearThenBias(
                     child.in_features, child.out_features, bias=child.bias is not None, device="meta"
                 )
@@ -594,7 +598,7 @@ def optimize_for_inference(
                 RuntimeWarning,
                 stacklevel=2,
             )
-    if device.type == "cpu" and dtype in _HALF_DTYPES and not _cpu_has_amx():
+    if _half_on_cpu(device, dtype) and not _prepacks(device, dtype):
         _tune_for_cpus_without_amx(converted, compiled=bool(compile))
     cuda_graphs = bool(compile) and device.type == "cuda" and cuda_graphs is not False
     if compile:
