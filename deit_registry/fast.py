@@ -34,12 +34,13 @@ How, on CPUs with AMX, when compiling in half precision: weight freezing, so the
 oneDNN kernels with bias, GELU and the residual add fused. Everything else compiles plainly, unfrozen
 (freezing was not faster there): its graph stays in inductor's on-disk cache for later processes and is
 shared by every fast model of the same dtype and shape. On GPUs the speed comes from the CUDA graphs. Nothing
-compiles with inductor's C++ wrapper: it ran batch 1 a little faster on CPU, but its source names the frozen
-weights' addresses, so every process compiles it again, for seconds. Attention is the model's own choice
+compiles with inductor's C++ wrapper: with frozen weights its source names their addresses, so every process
+compiles it again, for seconds, and unfrozen it ran no faster. Attention is the model's own choice
 (``fused_attn``, on by default: ``scaled_dot_product_attention``), except in half precision on CPUs without
 AMX (AVX512-BF16 alone, e.g. AMD Zen 4 and 5): torch's fused CPU kernel is slow in bf16 there, and the copy
 computes two batched matmuls and a softmax instead; compiled, its linears there also add their bias after
-the matmul, so the add fuses into the next pointwise kernel (:class:`_LinearThenBias`).
+the matmul, so the add fuses into the next pointwise kernel, and the patch embedding runs as one matmul
+(:func:`_tune_for_cpus_without_amx`).
 
 The copy's blocks run an inference-only forward of their own (:class:`InferenceBlock`, the same modules and
 weights): GELU overwrites fc1's output in place (one large buffer fewer per block in eager mode), and when the
@@ -468,19 +469,80 @@ class _LinearThenBias(nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
+class _PatchesThenLinear(nn.Conv2d):
+    """An ``nn.Conv2d`` whose stride is its kernel (a patch embedding; same parameters and keys) run as one
+    matmul over the flattened patches, the bias added after it.
+
+    For compiled half precision on CPUs without AMX, where it measured faster than what inductor makes of the
+    convolution: copies of the image and the weight into channels-last, every call, then oneDNN's kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            return super().forward(x)
+        (ph, pw), n = self.kernel_size, x.shape[0]
+        gh, gw = x.shape[2] // ph, x.shape[3] // pw  # a convolution drops the rows and columns left over
+        patches = x[:, :, : gh * ph, : gw * pw].reshape(n, -1, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
+        out = nn.functional.linear(patches.reshape(n, gh, gw, -1), self.weight.flatten(1))
+        out = out if self.bias is None else out + self.bias
+        return out.permute(0, 3, 1, 2)  # [N, C, H, W] like the convolution's output
+
+
+def _patchifies(conv: nn.Conv2d) -> bool:
+    return (
+        conv.kernel_size == conv.stride
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+    )
+
+
+class _AttentionOnContiguousHeads(Attention):
+    """:class:`Attention` that copies keys and values into contiguous ``[B, heads, N, d]`` tensors before its
+    two matmuls. Compiled, the copies fuse into the kernel that adds the qkv bias; left to aten, its batched
+    matmul makes each copy in a call of its own."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return super().attend(q, k.contiguous(), v.contiguous())
+
+
+def _bias_after_matmul(child: nn.Module) -> nn.Module | None:
+    """``child`` as a :class:`_LinearThenBias` or :class:`_PatchesThenLinear` sharing its parameters, or None
+    where it is neither a plain ``nn.Linear`` nor a patch-embedding ``nn.Conv2d``."""
+    if type(child) is nn.Linear:
+        twin: nn.Linear | nn.Conv2d = _LinearThenBias(
+            child.in_features, child.out_features, bias=child.bias is not None, device="meta"
+        )
+    elif type(child) is nn.Conv2d and _patchifies(child):
+        twin = _PatchesThenLinear(
+            child.in_channels,
+            child.out_channels,
+            child.kernel_size,
+            child.stride,
+            bias=child.bias is not None,
+            device="meta",
+        )
+    else:
+        return None
+    twin.weight, twin.bias = child.weight, child.bias
+    return twin
+
+
 def _tune_for_cpus_without_amx(model: nn.Module, compiled: bool) -> None:
     """Half precision on a CPU without AMX: attention as two matmuls and a softmax (torch's fused CPU kernel
-    is fast in bf16 only with AMX) and, when compiled, biases added after the matmuls (:class:`_LinearThenBias`)."""
+    is fast in bf16 only with AMX) and, when compiled, on contiguous keys and values
+    (:class:`_AttentionOnContiguousHeads`), with biases added after the matmuls (:class:`_LinearThenBias`)
+    and the patch embedding as a matmul (:class:`_PatchesThenLinear`)."""
     for module in model.modules():
         if isinstance(getattr(module, "fused_attn", None), bool):
             module.fused_attn = False
-        for name, child in list(module.named_children()) if compiled else ():
-            if type(child) is nn.Linear:
-                replacement = _LinearThenBias(
-                    child.in_features, child.out_features, bias=child.bias is not None, device="meta"
-                )
-                replacement.weight, replacement.bias = child.weight, child.bias
-                setattr(module, name, replacement)
+        if not compiled:
+            continue
+        if type(module) is Attention:  # a subclass adding no state: the same module, another attend
+            module.__class__ = _AttentionOnContiguousHeads
+        for name, child in list(module.named_children()):
+            twin = _bias_after_matmul(child)
+            if twin is not None:
+                setattr(module, name, twin)
 
 
 def _compile(model: nn.Module, cuda_graphs: bool) -> Any:

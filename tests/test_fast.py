@@ -133,13 +133,17 @@ def test_compiled_calls_stay_close_to_fp32(call, monkeypatch):
         assert "addmm" in code and not re.search(r"_linear_pointwise|_mkl_linear", code)
         assert inductor_cache_artifacts() > cached_before
     elif call == "default-no-amx":
-        # Plain and cached as well; the blocks' biases are added after plain matmuls (8 linears; inductor
-        # folds the bias of the probe's classifier, on 2-D features, back into one addmm), and attention is
-        # two batched matmuls and a softmax instead of the fused kernel.
-        assert len(re.findall(r"extern_kernels\.mm\(", code)) == 8
+        # Plain and cached as well; the biases are added after plain matmuls (8 linears in the blocks and the
+        # patch embedding; inductor folds the bias of the probe's classifier, on 2-D features, back into one
+        # addmm), and attention is two batched matmuls and a softmax instead of the fused kernel, on keys and
+        # values the bias kernel made contiguous (aten's bmm would copy them: a clone in the profile).
+        assert len(re.findall(r"extern_kernels\.mm\(", code)) == 9
         assert len(re.findall(r"extern_kernels\.addmm\(", code)) <= 1
-        assert not re.search(r"_linear_pointwise|_mkl_linear|scaled_dot_product", code)
-        assert re.search(r"extern_kernels\.bmm\(", code)
+        assert not re.search(r"_linear_pointwise|_mkl_linear|scaled_dot_product|convolution\(", code)
+        assert len(re.findall(r"extern_kernels\.bmm\(", code)) == 4
+        with torch.profiler.profile() as profile:
+            fast_probe(x)
+        assert not [e.key for e in profile.key_averages() if e.key in ("aten::clone", "aten::convolution")]
         assert inductor_cache_artifacts() > cached_before
     else:
         # Frozen: oneDNN kernels with pre-packed weights and bias and GELU fused, no addmm call at all (the
@@ -177,12 +181,13 @@ def test_half_precision_on_cpus_without_amx(dtype, monkeypatch):
         )
     linears = [type(m) for m in compiled.model.modules() if isinstance(m, nn.Linear)]
     assert len(linears) == 10 and set(linears) == {fast._LinearThenBias}  # 4 per block, 2 heads
-    assert not any(isinstance(m, fast._LinearThenBias) for f in (eager, fp32) for m in f.modules())
+    assert type(compiled.model.patch_embed.proj) is fast._PatchesThenLinear
+    assert {type(b.attn) for b in compiled.model.blocks} == {fast._AttentionOnContiguousHeads}
+    swapped = (fast._LinearThenBias, fast._PatchesThenLinear, fast._AttentionOnContiguousHeads)
+    assert not any(isinstance(m, swapped) for f in (eager, fp32, model) for m in f.modules())
     for fast_model, fused in ((eager, False), (compiled, False), (fp32, True)):
         assert [b.attn.fused_attn for b in fast_model.model.blocks] == [fused, fused]
-    assert all(b.attn.fused_attn for b in model.blocks) and not any(
-        isinstance(m, fast._LinearThenBias) for m in model.modules()
-    )
+    assert all(b.attn.fused_attn for b in model.blocks)
     assert compiled.model.state_dict().keys() == model.state_dict().keys()
     with torch.inference_mode():
         reference = model(x)
@@ -195,6 +200,28 @@ def test_half_precision_on_cpus_without_amx(dtype, monkeypatch):
         split.weight, split.bias = linear.weight, linear.bias
         h = torch.randn(2, 5, linear.in_features)
         torch.testing.assert_close(split(h), linear(h), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_patch_embedding_as_a_matmul_computes_the_convolution(bias):
+    """:class:`fast._PatchesThenLinear` gives the convolution's output, up to rounding, for any input size
+    (rows and columns past the last whole patch dropped, as the convolution does) and unbatched inputs;
+    only convolutions whose stride is their kernel become one."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, kernel_size=(4, 5), stride=(4, 5), bias=bias)
+    twin = fast._bias_after_matmul(conv)
+    assert type(twin) is fast._PatchesThenLinear and twin.weight is conv.weight and twin.bias is conv.bias
+    with torch.inference_mode():
+        for shape in ((2, 3, 16, 20), (2, 3, 18, 23), (3, 12, 10)):
+            x = torch.randn(shape)
+            torch.testing.assert_close(twin(x), conv(x), rtol=0, atol=1e-5)
+    for other in (
+        nn.Conv2d(3, 8, 3),
+        nn.Conv2d(3, 8, 4, stride=4, padding=1),
+        nn.Conv2d(4, 8, 4, stride=4, groups=2),
+        nn.Conv2d(3, 8, 4, stride=4, dilation=2),
+    ):
+        assert fast._bias_after_matmul(other) is None
 
 
 def test_amx_probe_reads_the_cpu_flags(tmp_path):
