@@ -13,12 +13,13 @@ outputs are checked to agree). Modes, each a row per variant and batch size:
 
 * ``exact``: our default fp32 model against timm's fp32 model, both eager.
 * ``bf16``: both models cast to bf16, eager (skipped on CPUs without native bf16).
-* ``fast``: ``deit_registry.fast.optimize_for_inference(model)`` with its defaults (bf16 + compile where the
-  device runs bf16 natively, dynamic int8 linears on CPUs without it) against ``torch.compile(timm_model)``
-  in the same dtype (fp32 for int8: timm has no int8 path of its own).
+* ``fast``: ``deit_registry.fast.optimize_for_inference(model)`` with its defaults (``pick_dtype``: bf16 +
+  compile where the device runs bf16 natively, except deit_small and wider on CPUs without AMX; dynamic int8
+  linears there and on CPUs without native bf16) against ``torch.compile(timm_model)`` in the same dtype, or
+  for int8 in timm's fastest (bf16 where the CPU has it natively, else fp32: timm has no int8 path).
 * ``fast-fp32``: ``optimize_for_inference(model, dtype=torch.float32)`` against timm compiled in fp32.
-* ``fast-int8``: ``optimize_for_inference(model, dtype=torch.qint8)`` (the default on x86 CPUs without native
-  bf16; CPU only) against timm compiled in fp32.
+* ``fast-int8``: ``optimize_for_inference(model, dtype=torch.qint8)`` (CPU only) against timm compiled as
+  for ``fast`` in int8.
 * ``fast-nographs``: ``optimize_for_inference(model, cuda_graphs=False)`` (CUDA only): what the CUDA graphs of
   the ``fast`` row are worth.
 
@@ -103,13 +104,16 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def mode_dtype(mode: str, device: torch.device) -> torch.dtype:
-    """The dtype a mode computes in on ``device`` (the fast mode asks the package, as it does itself)."""
+    """The dtype a mode computes in on ``device`` for models that hold no DeiT (the fast mode asks the package,
+    as it does itself; for a DeiT its pick may also depend on the width: the row's dtype column says)."""
     return MODE_DTYPES.get(mode) or pick_dtype(device)
 
 
-def timm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype timm's model runs in beside ours: the same, or fp32 where timm has no such path (int8)."""
-    return torch.float32 if dtype is torch.qint8 else dtype
+def timm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype timm's model runs in beside ours: the same, or for int8 (no timm path) timm's fastest here."""
+    if dtype is not torch.qint8:
+        return dtype
+    return torch.bfloat16 if pick_dtype(device) is torch.bfloat16 else torch.float32
 
 
 MATMUL_N = 4096
@@ -205,8 +209,8 @@ def prepare_ours(mode: str, ours: nn.Module) -> tuple[Callable[[torch.Tensor], o
 
 
 def prepare_timm(mode: str, theirs: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], object]:
-    """timm's callable beside ours: eager for the eager modes, else compiled; in ``timm_dtype(dtype)``."""
-    if timm_dtype(dtype) is not torch.float32:
+    """timm's callable beside ours: eager for the eager modes, else compiled; in ``dtype``."""
+    if dtype is not torch.float32:
         theirs = copy.deepcopy(theirs).to(dtype)
     # dynamic=False as the fast mode compiles: static shapes, one graph per batch size.
     return theirs if mode in EAGER_MODES else torch.compile(theirs, dynamic=False)
@@ -227,14 +231,14 @@ def run_row(
     # Each side's ready time covers its own preparation (copies, casts) and first call.
     start = time.perf_counter()
     ours_fn, dtype = prepare_ours(mode, ours)
-    x_theirs = x.to(timm_dtype(dtype))
+    x_theirs = x.to(timm_dtype(dtype, device))
     x_ours = x_theirs if mode in EAGER_MODES else x  # the fast wrapper casts its inputs itself
     with torch.inference_mode():
         out = ours_fn(x_ours)
         synchronize(device)
         ready["ours"] = time.perf_counter() - start
         start = time.perf_counter()
-        theirs_fn = prepare_timm(mode, theirs, dtype)
+        theirs_fn = prepare_timm(mode, theirs, timm_dtype(dtype, device))
         theirs_fn(x_theirs)
         synchronize(device)
         ready["timm"] = time.perf_counter() - start
@@ -341,13 +345,12 @@ def main(argv: list[str] | None = None) -> None:
         # The compiler stack's one-time start-up (imports, the C++ toolchain probe) belongs to no model: pay it
         # here, not in the `ready` time of whichever model compiles first.
         torch.compile(lambda t: t * 2 + 1, dynamic=False)(torch.ones(8, device=device))
-    dtypes = sorted({timm_dtype(mode_dtype(m, device)) for m in modes}, key=str)
+    dtypes = sorted({timm_dtype(mode_dtype(m, device), device) for m in modes}, key=str)
     rates = {dt: matmul_rate(dt, device, args.repeats) for dt in dtypes}
     print(
         "# matmul 4096^3: "
         + ", ".join(f"{dtype_name(dt)} {rate:.0f} GFLOP/s" for dt, rate in rates.items())
-        + "; fast: optimize_for_inference(model) picks "
-        + dtype_name(pick_dtype(device))
+        + "; fast: optimize_for_inference(model) picks the dtype column's"
     )
     print(
         f"{'variant':34} {'mode':13} {'dtype':8} {'bs':>3} | {'ours im/s':>9} {'timm im/s':>9} {'speedup':>7} | "
@@ -365,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         for mode in modes:
             for batch in args.batch_sizes:
                 r = run_row(mode, ours, theirs, batch, args.repeats, device, args.sample_seconds)
-                rate = rates[timm_dtype(mode_dtype(mode, device))]
+                rate = rates[timm_dtype(r["dtype"], device)]
                 executed = {"ours": gflop * (1.0 if mode in EAGER_MODES else fraction), "timm": gflop}
                 pct = {k: 100 * executed[k] * batch / r[f"{k}_s"] / rate for k in ("ours", "timm")}
                 print(

@@ -20,6 +20,8 @@ What each device gets by default (:func:`pick_dtype`; the original model is unto
   scale for the whole batch, so an image's logits can move slightly with its batch mates) and everything
   else fp32, run eagerly: no compile, so the first call is as quick as any other. Arm CPUs (no x86 int8
   kernels in torch) get compiled fp32.
+* **CPUs with native bf16 but no AMX** (e.g. AMD Zen 4 and 5), for DeiTs as wide as deit_small or wider:
+  ``torch.qint8`` as well, its attention computed in bf16 (:func:`pick_dtype`); narrower ones compile bf16.
 
 ``benchmarks/inference.py`` reports each trade's top-1 agreement with fp32 on a trained model. What else is
 traded: **start-up time** for the compiled dtypes (the first call per input shape compiles; later calls are
@@ -86,20 +88,38 @@ _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _INT8_ENGINES = ("x86", "fbgemm", "onednn")
 
 
-def pick_dtype(device: torch.device) -> torch.dtype:
-    """The fastest compute dtype on ``device``.
+def pick_dtype(device: torch.device, model: nn.Module | None = None) -> torch.dtype:
+    """The fastest compute dtype on ``device`` (for ``model``, where the choice depends on its width).
 
     CUDA: bfloat16 where supported (Ampere and later), else float16. CPU: bfloat16 when oneDNN has native
-    bf16 kernels (AVX512-BF16 / AMX); otherwise ``torch.qint8`` (dynamic int8 linear layers, the rest fp32)
-    where torch has x86 int8 kernels, since emulated bf16 is slower than fp32; float32 elsewhere.
+    bf16 kernels (AVX512-BF16 / AMX), except for a DeiT ``model`` at least ``_INT8_MIN_WIDTH`` wide
+    (deit_small, deit_base) on such a CPU without AMX, where ``torch.qint8`` with bf16 attention is faster;
+    ``torch.qint8`` (dynamic int8 linear layers, the rest fp32) on CPUs without native bf16 where torch has
+    x86 int8 kernels, since emulated bf16 is slower than fp32; float32 elsewhere. ::
+
+        dtype = pick_dtype(torch.device("cpu"), model)  # what optimize_for_inference(model) computes in
     """
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
+        int8 = torch.backends.quantized.engine in _INT8_ENGINES
         if _cpu_has_native_bf16():
-            return torch.bfloat16
-        return torch.qint8 if torch.backends.quantized.engine in _INT8_ENGINES else torch.float32
+            wide = model is not None and _width(model) >= _INT8_MIN_WIDTH
+            return torch.qint8 if int8 and wide and not _cpu_has_amx() else torch.bfloat16
+        return torch.qint8 if int8 else torch.float32
     return torch.float32
+
+
+# Every CPU with AVX512-BF16 also has AVX512-VNNI, whose int8 multiply-add does twice the bf16 one's work per
+# instruction. Without AMX that made dynamic int8 linears (with bf16 attention) faster than the compiled bf16
+# model from this width on; narrower models spend more of their time quantizing activations and in eager
+# per-call overhead, and compiled bf16 stays faster for them (deit_tiny). With AMX, bf16 is far faster.
+_INT8_MIN_WIDTH = 384
+
+
+def _width(model: nn.Module) -> int:
+    """The widest DeiT's embedding width in ``model``; 0 without one."""
+    return max((m.embed_dim for m in model.modules() if isinstance(m, DeiT)), default=0)
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -207,7 +227,7 @@ class FastInferenceModel(nn.Module):
     Inputs are moved to the model's device and cast to its dtype; floating-point outputs (tensors, tuples,
     lists, dicts) come back in the input's floating dtype, so it replaces the fp32 model in existing code.
     ``model`` is the converted copy, ``dtype`` the compute dtype (``torch.qint8``: int8 linear layers, fp32
-    activations) and ``compiled`` whether calls go through ``torch.compile`` (it turns False if compiling
+    activations, attention in bf16 where the CPU has native bf16) and ``compiled`` whether calls go through ``torch.compile`` (it turns False if compiling
     fails).
     """
 
@@ -505,6 +525,16 @@ class _AttentionOnContiguousHeads(Attention):
         return super().attend(q, k.contiguous(), v.contiguous())
 
 
+class _AttentionInBf16(Attention):
+    """:class:`Attention` whose two matmuls and softmax run in bf16, for the int8 copy on CPUs with native
+    bf16: they are not linear layers, so quantization leaves them in fp32, where they run slower. The casts
+    also make the heads contiguous, which the batched matmuls would otherwise do in copies of their own."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        half = (t.to(torch.bfloat16, memory_format=torch.contiguous_format) for t in (q, k, v))
+        return super().attend(*half).to(q.dtype)
+
+
 def _bias_after_matmul(child: nn.Module) -> nn.Module | None:
     """``child`` as a :class:`_LinearThenBias` or :class:`_PatchesThenLinear` sharing its parameters, or None
     where it is neither a plain ``nn.Linear`` nor a patch-embedding ``nn.Conv2d``."""
@@ -600,8 +630,9 @@ def optimize_for_inference(
             cast to ``dtype`` on its current device (``torch.qint8``: its linear layers quantized).
         dtype: compute dtype; ``None`` picks the fastest trade for the device (:func:`pick_dtype`:
             bfloat16 on CPUs with AVX512-BF16/AMX and recent GPUs, float16 on older GPUs, ``torch.qint8`` on
-            other x86 CPUs, else float32). ``torch.qint8`` (CPU only): dynamic int8 linear layers, the rest
-            fp32.
+            other x86 CPUs and for deit_small and wider on CPUs with AVX512-BF16 but no AMX, else float32).
+            ``torch.qint8`` (CPU only): dynamic int8 linear layers, the rest fp32 except attention, which
+            runs in bf16 where the CPU has native bf16.
         compile: ``torch.compile`` it with inductor (weights frozen for half precision on CPUs with AMX);
             ``None`` compiles when a compiler is available for the device (:func:`compiler_available`) and the
             dtype is not ``torch.qint8`` (compiling around the int8 layers is slower than running them eagerly),
@@ -631,8 +662,8 @@ def optimize_for_inference(
     if cuda_graphs and compile is False:
         raise ValueError("cuda_graphs=True replays compiled graphs: it needs compile=True or None")
     if dtype is None:
-        dtype = pick_dtype(device)
-    elif dtype is torch.bfloat16 and device.type == "cpu" and pick_dtype(device) is not torch.bfloat16:
+        dtype = pick_dtype(device, model)
+    elif dtype is torch.bfloat16 and device.type == "cpu" and not _cpu_has_native_bf16():
         warnings.warn(
             "this CPU has no native bf16 kernels: bfloat16 is emulated here and likely slower than float32",
             RuntimeWarning,
@@ -660,7 +691,13 @@ def optimize_for_inference(
                 RuntimeWarning,
                 stacklevel=2,
             )
-    if _half_on_cpu(device, dtype) and not _prepacks(device, dtype):
+    if dtype is torch.qint8 and _cpu_has_native_bf16():
+        for module in converted.modules():
+            if type(module) is Attention:  # a subclass adding no state: the same module, another attend
+                module.__class__ = _AttentionInBf16
+        if not _cpu_has_amx():
+            _tune_for_cpus_without_amx(converted, compiled=False)  # the attention part only
+    elif _half_on_cpu(device, dtype) and not _prepacks(device, dtype):
         _tune_for_cpus_without_amx(converted, compiled=bool(compile))
     cuda_graphs = bool(compile) and device.type == "cuda" and cuda_graphs is not False
     if compile:

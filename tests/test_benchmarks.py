@@ -38,13 +38,25 @@ def test_inference_benchmark_forced_modes_run_their_dtype(mode, dtype):
     inference = load_script("inference")
     ours, theirs, _ = inference.build_pair("deit_tiny_patch16_224")
     fast_model, got = inference.prepare_ours(mode, ours)
-    timm_compiled = inference.prepare_timm(mode, theirs, got)
+    timm_compiled = inference.prepare_timm(mode, theirs, torch.float32)
     assert (
         got is dtype
         and fast_model.dtype is dtype
         and inference.mode_dtype(mode, torch.device("cpu")) is dtype
     )
-    assert inference.timm_dtype(got) is torch.float32 and timm_compiled is not theirs
+    assert timm_compiled is not theirs
+
+
+def test_inference_benchmark_runs_timm_in_its_fastest_dtype_beside_int8(monkeypatch):
+    """timm has no int8 path: beside our int8 copy its model runs bf16 where the CPU has native bf16, else fp32;
+    beside our float dtypes, the same dtype."""
+    inference = load_script("inference")
+    cpu = torch.device("cpu")
+    for picked, beside_int8 in ((torch.bfloat16, torch.bfloat16), (torch.qint8, torch.float32)):
+        monkeypatch.setattr(inference, "pick_dtype", lambda device, model=None, picked=picked: picked)
+        assert inference.timm_dtype(torch.qint8, cpu) is beside_int8
+        for dtype in (torch.float32, torch.bfloat16):
+            assert inference.timm_dtype(dtype, cpu) is dtype
 
 
 def test_inference_benchmark_bf16_mode_runs_both_models_eagerly_in_bf16():
@@ -95,7 +107,7 @@ def test_inference_benchmark_fast_mode_against_timm_compiled(capsys):
     inference.main(args + ["--quick-agreement"])
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("deit_tiny_patch16_224"))
-    picked = inference.dtype_name(inference.pick_dtype(torch.device("cpu")))
+    picked = inference.dtype_name(inference.pick_dtype(torch.device("cpu"), dr.create_model(args[1])))
     assert row.split()[1:3] == ["fast", picked]
     assert "# CPU features: AVX2 " in out and "top-1 agreement with fp32" in out
     for dtype in ("qint8", "bfloat16"):  # both CPU trades are reported, whichever this CPU picks

@@ -15,7 +15,7 @@ from torch import nn
 
 import deit_registry as dr
 from deit_registry import fast
-from deit_registry.architecture import Block, DeiT
+from deit_registry.architecture import Attention, Block, DeiT
 
 N = 16
 
@@ -546,6 +546,73 @@ def test_int8_needs_the_cpu():
     model = small_deit().to("meta")
     with pytest.raises(ValueError, match="CPU only"):
         fast.optimize_for_inference(model, dtype=torch.qint8)
+
+
+def wide_deit() -> DeiT:
+    """As wide as deit_small (``fast._INT8_MIN_WIDTH``), otherwise tiny."""
+    torch.manual_seed(0)
+    return DeiT(img_size=32, embed_dim=384, depth=2, num_heads=6, num_classes=10, distilled=True).eval()
+
+
+def test_default_on_cpus_with_bf16_and_no_amx_is_int8_for_wide_models(monkeypatch):
+    """Without AMX, a DeiT as wide as deit_small or wider runs dynamic int8 linears (VNNI) with its attention
+    in bf16 by default; narrower ones, models that hold no DeiT and CPUs with AMX keep compiled bf16."""
+    monkeypatch.setattr(fast, "_cpu_has_native_bf16", lambda: True)  # emulated where the CPU lacks it
+    monkeypatch.setattr(torch.backends.quantized, "engine", "x86")
+    cpu = torch.device("cpu")
+    for amx, wide_pick in ((False, torch.qint8), (True, torch.bfloat16)):
+        monkeypatch.setattr(fast, "_cpu_has_amx", lambda amx=amx: amx)
+        assert (
+            fast.pick_dtype(cpu, wide_deit()) == fast.pick_dtype(cpu, nn.Sequential(wide_deit())) == wide_pick
+        )
+        for other in (None, small_deit(), nn.Linear(512, 512)):
+            assert fast.pick_dtype(cpu, other) == torch.bfloat16
+    if "qnnpack" in torch.backends.quantized.supported_engines:
+        monkeypatch.setattr(torch.backends.quantized, "engine", "qnnpack")  # no x86 int8 kernels: bf16
+        assert fast.pick_dtype(cpu, wide_deit()) == torch.bfloat16
+        monkeypatch.setattr(torch.backends.quantized, "engine", "x86")
+
+    model = wide_deit()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the documented call: no compile, nothing to warn about
+        monkeypatch.setattr(fast, "_cpu_has_amx", lambda: False)
+        default = fast.optimize_for_inference(model)
+        monkeypatch.setattr(fast, "_cpu_has_amx", lambda: True)
+        amx = fast.optimize_for_inference(model, dtype=torch.qint8)
+    for fast_model, fused in ((default, False), (amx, True)):
+        assert fast_model.dtype == torch.qint8 and not fast_model.compiled
+        assert len(quantized_linears(fast_model)) == 4 * 2 + 2
+        assert {type(b.attn) for b in fast_model.model.blocks} == {fast._AttentionInBf16}
+        assert {b.attn.fused_attn for b in fast_model.model.blocks} == {fused}  # explicit without AMX
+    assert all(type(b.attn) is Attention and b.attn.fused_attn for b in model.blocks)
+    with torch.inference_mode():
+        reference = model(x)
+        for fast_model in (default, amx):
+            assert nn.functional.cosine_similarity(fast_model(x), reference, dim=1).min() > 0.998
+    monkeypatch.setattr(fast, "_cpu_has_native_bf16", lambda: False)  # int8 with fp32 attention
+    assert {type(b.attn) for b in fast.optimize_for_inference(model, dtype=torch.qint8).model.blocks} == {
+        Attention
+    }
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_int8_copys_attention_computes_in_bf16(fused):
+    """:class:`fast._AttentionInBf16` is its attention computed on bf16 copies of the heads, returned in the
+    input's dtype: the same numbers as the bf16 computation, not the fp32 one."""
+    attn = Attention(64, 4).eval()
+    attn.fused_attn = fused
+    twin = copy.deepcopy(attn)
+    twin.__class__ = fast._AttentionInBf16
+    g = torch.Generator().manual_seed(0)
+    # [B, heads, N, d] views of [B, N, heads, d], as the model's heads are
+    q, k, v = torch.randn(3, 2, 9, 4, 16, generator=g).transpose(2, 3).unbind(0)
+    with torch.inference_mode():
+        out = twin.attend(q, k, v)
+        in_bf16 = attn.attend(*(t.bfloat16().contiguous() for t in (q, k, v)))
+        assert out.dtype == torch.float32 and out.shape == (2, 4, 9, 16)
+        torch.testing.assert_close(out, in_bf16.float(), rtol=0, atol=0)
+        assert not torch.equal(out, attn.attend(q, k, v))
 
 
 def test_int8_falls_back_to_fp32_when_torch_drops_its_flow(monkeypatch):
