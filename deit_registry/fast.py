@@ -227,8 +227,8 @@ class FastInferenceModel(nn.Module):
     Inputs are moved to the model's device and cast to its dtype; floating-point outputs (tensors, tuples,
     lists, dicts) come back in the input's floating dtype, so it replaces the fp32 model in existing code.
     ``model`` is the converted copy, ``dtype`` the compute dtype (``torch.qint8``: int8 linear layers, fp32
-    activations, attention in bf16 where the CPU has native bf16) and ``compiled`` whether calls go through ``torch.compile`` (it turns False if compiling
-    fails).
+    activations, attention in bf16 where the CPU has native bf16) and ``compiled`` whether calls go through
+    ``torch.compile`` (it turns False if compiling fails).
     """
 
     def __init__(
