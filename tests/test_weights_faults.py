@@ -470,6 +470,32 @@ def test_4_a_hub_connection_cut_once_is_tried_again(env, server, st, models):
     assert server.requests[_hub_path()] >= 2
 
 
+def test_4_a_hub_try_that_fails_leaves_no_partial_behind(env, server, st, models, monkeypatch):
+    """The try that a cut connection ends leaves huggingface_hub's ``.incomplete`` file (it never removes
+    one); the second try must not leave it in the cache for good. Simulated: huggingface_hub's first call
+    writes a partial and fails as it does when the Hub cannot be reached mid-download."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    real, calls = huggingface_hub.hf_hub_download, []
+
+    def cut_once(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            blobs = env / "hf" / "hub" / "models--timm--deit_tiny_patch16_224.fb_in1k" / "blobs"
+            blobs.mkdir(parents=True, exist_ok=True)
+            (blobs / "0123abcd.f1f7ff55.incomplete").write_bytes(b"half a file")
+            raise LocalEntryNotFoundError("connection cut")
+        return real(**kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cut_once)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the Hub copy, no fallback
+        assert _equal(_load(), models["ref"])
+    assert len(calls) == 2 and _partials(env) == [] and weights.is_cached(TINY)
+
+
 def test_4_settings_are_validated(env, monkeypatch, server):
     monkeypatch.setenv("DEIT_REGISTRY_DOWNLOAD_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="DEIT_REGISTRY_DOWNLOAD_TIMEOUT"):

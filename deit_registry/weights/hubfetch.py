@@ -168,7 +168,9 @@ def fetch(
                 # cached, cannot reach the Hub" (requests, before): the endpoint answered reachable() just now.
                 # huggingface_hub closes its shared HTTP client whenever a request in any thread fails to
                 # connect (http_backoff -> close_session), cutting other threads' downloads (an abandoned,
-                # still-retrying call of ours, say): one more try, on a fresh client.
+                # still-retrying call of ours, say): one more try, on a fresh client. The failed try's partial
+                # file is abandoned now (its lock released): remove it, or it stays in the cache for good.
+                clean_partials(repo)
                 return download()
 
     def timed_out() -> Exception:
