@@ -471,10 +471,27 @@ def _quantize_linears(model: nn.Module) -> bool:
             f"torch {torch.__version__} cannot quantize linear layers to int8 here ({type(err).__name__}: "
             f"{err}); running in float32 instead",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return False
     return True
+
+
+def _int8_copy(model: nn.Module) -> nn.Module | None:
+    """A copy of ``model`` with int8 linear layers, or None (with a warning) if this torch cannot quantize.
+
+    The int8 layers keep no float weights: the copy takes the plain ``nn.Linear`` layers' weights by reference
+    and quantizes them at once, rather than copying most of the model's parameters only to drop them.
+    """
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    shared = {id(p): p for m in linears for p in m.parameters(recurse=False)}
+    converted = copy.deepcopy(model, memo=dict(shared))
+    if not _quantize_linears(converted):
+        return None
+    if any(id(p) in shared for p in converted.parameters()):  # a weight tied elsewhere: copy it as well
+        converted = copy.deepcopy(model)
+        _quantize_linears(converted)
+    return converted
 
 
 class _LinearThenBias(nn.Linear):
@@ -671,12 +688,14 @@ def optimize_for_inference(
         )
     elif dtype is torch.qint8 and device.type != "cpu":
         raise ValueError(f"dtype=torch.qint8 runs on the CPU only; the model is on {device}")
-    converted = copy.deepcopy(model).eval()
+    converted = _int8_copy(model) if dtype is torch.qint8 else None
+    if converted is None:
+        dtype = torch.float32 if dtype is torch.qint8 else dtype
+        converted = copy.deepcopy(model)
+    converted.eval()
     for p in converted.parameters():
         p.requires_grad_(False)
     _use_inference_blocks(converted)
-    if dtype is torch.qint8 and not _quantize_linears(converted):
-        dtype = torch.float32
     if dtype is not torch.qint8:
         converted.to(dtype)
     compiled = None

@@ -615,6 +615,31 @@ def test_int8_copys_attention_computes_in_bf16(fused):
         assert not torch.equal(out, attn.attend(q, k, v))
 
 
+def test_int8_copy_takes_the_weights_it_quantizes_and_leaves_the_original_alone(monkeypatch):
+    """The int8 copy quantizes the original's linear weights without copying them first; the original keeps
+    its layers, values, mode and gradients, and shares no parameter with the copy, even one tied elsewhere."""
+    copied = []
+    deepcopy = nn.Parameter.__deepcopy__
+    monkeypatch.setattr(
+        nn.Parameter, "__deepcopy__", lambda p, memo: copied.append(id(p)) or deepcopy(p, memo)
+    )
+    linear = nn.Linear(10, 10)
+    tied = nn.Module()
+    tied.weight = linear.weight  # the same parameter on a module int8 leaves as it is
+    for model in (small_deit().train(), nn.Sequential(small_deit(), linear, tied).train()):
+        before = copy.deepcopy(model.state_dict())
+        copied.clear()
+        fast_model = fast.optimize_for_inference(model, dtype=torch.qint8)
+        if isinstance(model, DeiT):  # only the parameters that stay float were copied
+            kept = [m for m in model.modules() if type(m) is not nn.Linear]
+            assert set(copied) == {id(p) for m in kept for p in m.parameters(recurse=False)}
+        assert fast_model.dtype == torch.qint8 and quantized_linears(fast_model)
+        assert model.training and all(p.requires_grad for p in model.parameters())
+        assert not quantized_linears(model)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert not {id(p) for p in model.parameters()} & {id(p) for p in fast_model.parameters()}
+
+
 def test_int8_falls_back_to_fp32_when_torch_drops_its_flow(monkeypatch):
     """torch has deprecated ``torch.ao.quantization``: the one function that calls it warns and the copy
     stays fp32 once a release removes it."""
@@ -622,9 +647,11 @@ def test_int8_falls_back_to_fp32_when_torch_drops_its_flow(monkeypatch):
 
     monkeypatch.delattr(torch.ao.quantization, "quantize_dynamic")
     model = small_deit()
-    with pytest.warns(RuntimeWarning, match="cannot quantize linear layers to int8"):
+    with pytest.warns(RuntimeWarning, match="cannot quantize linear layers to int8") as record:
         fast_model = fast.optimize_for_inference(model, dtype=torch.qint8, compile=False)
+    assert record[0].filename == __file__  # names the caller's line
     assert fast_model.dtype == torch.float32 and not quantized_linears(fast_model)
+    assert not {id(p) for p in model.parameters()} & {id(p) for p in fast_model.parameters()}
     x = images(2)
     with torch.inference_mode():
         torch.testing.assert_close(fast_model(x), model(x), rtol=0, atol=1e-5)
