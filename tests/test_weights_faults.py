@@ -374,20 +374,7 @@ def test_3_a_killed_download_leaves_nothing_the_next_load_keeps(env, server, pth
     assert _partials(env) == [] and cache_path(url).is_file()
 
 
-@pytest.fixture
-def no_abandoned_downloads() -> None:
-    """Wait for download threads that earlier tests left past their deadline (a Hub answering 500, say).
-    huggingface_hub retries them with back-off for about 20 s; once their server is closed, each refused
-    connect closes its client shared by every thread (``http_backoff`` -> ``close_session``), cutting this
-    test's download under it: seen as this test failing within the whole suite only."""
-    for thread in threading.enumerate():
-        if thread.name == "deit-registry-download":  # netlimits.run_with_deadline's worker
-            thread.join(timeout=60)
-
-
-def test_3_a_killed_hub_download_is_finished_by_the_next_load(
-    env, server, st, models, no_abandoned_downloads
-):
+def test_3_a_killed_hub_download_is_finished_by_the_next_load(env, server, st, models):
     """huggingface_hub keeps ``blobs/*.incomplete`` under its own lock; the next load completes it (our server
     ignores Range, so it starts over) and nothing partial remains."""
     server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])

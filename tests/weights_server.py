@@ -53,7 +53,7 @@ class WeightsServer:
                 self._respond(head=False)
 
             def _respond(self, head: bool) -> None:
-                route = owner.routes.get(self.path.split("?")[0])
+                route = None if owner.closing.is_set() else owner.routes.get(self.path.split("?")[0])
                 if route is None:
                     route = Route(b"not found", 404, headers={"X-Error-Code": "EntryNotFound"})
                 if not head and owner.gets[self.path.split("?")[0]] <= route.fail_first:
@@ -132,7 +132,19 @@ class WeightsServer:
         for rev in {revision, commit}:
             self.routes[f"/{repo}/resolve/{rev}/{filename}"] = Route(body, headers=headers)
 
-    def close(self) -> None:
-        self.closing.set()
+    def close(self, drain_s: float = 10.0) -> None:
+        """Stop serving, once the Hub calls a test gave up on have ended (up to ``drain_s``).
+
+        A Hub call given up at its deadline runs on in its thread (``deit-registry-download``), retrying with
+        huggingface_hub's back-off. Against a closed port each refused connect makes huggingface_hub close the
+        client every thread shares (``http_backoff`` -> ``close_session``), cutting a later test's download
+        under it. So every path first answers 404, which ends those calls at their next try, and only then
+        does the port close.
+        """
+        self.closing.set()  # silent and trickling handlers return; every request now gets 404
+        give_up = time.monotonic() + drain_s
+        for thread in threading.enumerate():
+            if thread.name == "deit-registry-download":  # netlimits.run_with_deadline's worker
+                thread.join(max(0.0, give_up - time.monotonic()))
         self.httpd.shutdown()
         self.httpd.server_close()
