@@ -488,7 +488,8 @@ def _int8_copy(model: nn.Module) -> nn.Module | None:
     converted = copy.deepcopy(model, memo=dict(shared))
     if not _quantize_linears(converted):
         return None
-    if any(id(p) in shared for p in converted.parameters()):  # a weight tied elsewhere: copy it as well
+    # A shared weight the flow left float (tied to another module, or a Linear at the root): copy it too.
+    if any(id(p) in shared for p in converted.parameters()):
         converted = copy.deepcopy(model)
         _quantize_linears(converted)
     return converted
@@ -688,10 +689,9 @@ def optimize_for_inference(
         )
     elif dtype is torch.qint8 and device.type != "cpu":
         raise ValueError(f"dtype=torch.qint8 runs on the CPU only; the model is on {device}")
-    converted = _int8_copy(model) if dtype is torch.qint8 else None
-    if converted is None:
-        dtype = torch.float32 if dtype is torch.qint8 else dtype
-        converted = copy.deepcopy(model)
+    converted = _int8_copy(model) if dtype is torch.qint8 else copy.deepcopy(model)
+    if converted is None:  # this torch cannot quantize (warned)
+        dtype, converted = torch.float32, copy.deepcopy(model)
     converted.eval()
     for p in converted.parameters():
         p.requires_grad_(False)
