@@ -454,18 +454,30 @@ def _quantize_linears(model: nn.Module) -> bool:
 
     Weights become int8 with one scale per output channel; each call quantizes a layer's input with one scale
     for the whole input tensor (so an image's result can move slightly with its batch mates) and runs
-    FBGEMM / oneDNN int8 kernels; everything else stays fp32. ``torch.ao.quantization.quantize_dynamic`` is
-    the one eager int8 flow with CPU kernels (torchao's int8 path needs ``torch.compile`` to reach them), but
-    torch has deprecated it in favour of torchao: this is the one place that calls it, quiets its deprecation
+    FBGEMM / oneDNN int8 kernels; everything else stays fp32. The layers are those, and the weights bit for bit
+    those, of ``torch.ao.quantization.quantize_dynamic`` with ``per_channel_dynamic_qconfig``, torch's one
+    eager int8 flow with CPU kernels (torchao's int8 path needs ``torch.compile`` to reach them). Its steps are
+    public and taken here one by one because its ``from_float`` first builds each layer at full size and packs
+    an all-zero weight that is then replaced: a third of the start-up for nothing. torch has deprecated
+    ``torch.ao.quantization`` in favour of torchao: this is the one place that uses it, quiets its deprecation
     warnings and, once a release drops it, falls back to fp32 with a warning.
     """
+    slots = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear  # as the flow: subclasses are not swapped, nor is a Linear at the root
+    ]
     try:
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+        from torch.ao.quantization import per_channel_dynamic_qconfig
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
             warnings.filterwarnings("ignore", message=r"torch\.quantize_per_\w+.* are deprecated")
-            quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, torch.qint8, inplace=True)
+            int8 = [
+                _int8_linear(child, per_channel_dynamic_qconfig, DynamicInt8Linear) for *_, child in slots
+            ]
     except (ImportError, AttributeError, RuntimeError) as err:
         warnings.warn(
             f"torch {torch.__version__} cannot quantize linear layers to int8 here ({type(err).__name__}: "
@@ -474,7 +486,25 @@ def _quantize_linears(model: nn.Module) -> bool:
             stacklevel=4,
         )
         return False
+    for (parent, name, _), layer in zip(slots, int8):
+        setattr(parent, name, layer)
     return True
+
+
+def _int8_linear(linear: nn.Linear, qconfig: Any, int8_class: type[nn.Module]) -> nn.Module:
+    """``int8_class.from_float(linear)`` without its full-size all-zero first layer: built at 1x1, then given
+    the weight quantized as the flow does (the qconfig's observer, ``torch.quantize_per_channel``)."""
+    observer = qconfig.weight()
+    weight = linear.weight.detach().float()
+    observer(weight)
+    scales, zero_points = observer.calculate_qparams()
+    qweight = torch.quantize_per_channel(
+        weight, scales.double(), zero_points.long(), observer.ch_axis, torch.qint8
+    )
+    layer = int8_class(1, 1, bias_=linear.bias is not None, dtype=torch.qint8)
+    layer.set_weight_bias(qweight, None if linear.bias is None else linear.bias.detach())
+    layer.in_features, layer.out_features = linear.in_features, linear.out_features
+    return layer
 
 
 def _int8_copy(model: nn.Module) -> nn.Module | None:

@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 import deit_registry as dr
 from deit_registry import fast
@@ -514,8 +515,6 @@ def test_cuda_graph_outputs_are_handed_out_as_copies():
 
 
 def quantized_linears(model: nn.Module) -> list[nn.Module]:
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
     return [m for m in model.modules() if isinstance(m, DynamicLinear)]
 
 
@@ -640,12 +639,48 @@ def test_int8_copy_takes_the_weights_it_quantizes_and_leaves_the_original_alone(
         assert not {id(p) for p in model.parameters()} & {id(p) for p in fast_model.parameters()}
 
 
-def test_int8_falls_back_to_fp32_when_torch_drops_its_flow(monkeypatch):
-    """torch has deprecated ``torch.ao.quantization``: the one function that calls it warns and the copy
-    stays fp32 once a release removes it."""
-    import torch.ao.quantization
+def test_int8_layers_are_those_of_torchs_flow_bit_for_bit():
+    """``fast._quantize_linears`` takes ``quantize_dynamic``'s steps itself (to skip a zero weight packed per
+    layer): the same layers swapped, the same int8 weights, scales and biases, the same outputs."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    monkeypatch.delattr(torch.ao.quantization, "quantize_dynamic")
+    class Subclass(nn.Linear):  # the flow swaps nn.Linear only, not its subclasses
+        pass
+
+    model = nn.Sequential(small_deit(), nn.Linear(10, 7, bias=False), Subclass(7, 5))
+    ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
+    assert fast._quantize_linears(ours)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        quantize_dynamic(theirs, {nn.Linear: per_channel_dynamic_qconfig}, torch.qint8, inplace=True)
+    layers = dict(ours.named_modules())
+    assert {k: type(m) for k, m in layers.items()} == {k: type(m) for k, m in theirs.named_modules()}
+    assert type(ours[2]) is Subclass and len(quantized_linears(ours)) == 2 * 4 + 2 + 1
+    for name, their in theirs.named_modules():
+        if their in quantized_linears(theirs):
+            our = layers[name]
+            assert (our.in_features, our.out_features) == (their.in_features, their.out_features)
+            assert str(our) == str(their)
+            (w, b), (their_w, their_b) = our._weight_bias(), their._weight_bias()
+            assert torch.equal(w.int_repr(), their_w.int_repr())
+            assert torch.equal(w.q_per_channel_scales(), their_w.q_per_channel_scales())
+            assert torch.equal(w.q_per_channel_zero_points(), their_w.q_per_channel_zero_points())
+            assert (b is None and their_b is None) or torch.equal(b, their_b)
+    x = images(2)
+    with torch.inference_mode():
+        assert torch.equal(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize(
+    "module, name",
+    [("torch.ao.quantization", "per_channel_dynamic_qconfig"), ("torch.ao.nn.quantized.dynamic", "Linear")],
+)
+def test_int8_falls_back_to_fp32_when_torch_drops_its_flow(monkeypatch, module, name):
+    """torch has deprecated ``torch.ao.quantization``: the one function that uses it warns and the copy
+    stays fp32 once a release removes what it takes."""
+    import importlib
+
+    monkeypatch.delattr(importlib.import_module(module), name)
     model = small_deit()
     with pytest.warns(RuntimeWarning, match="cannot quantize linear layers to int8") as record:
         fast_model = fast.optimize_for_inference(model, dtype=torch.qint8, compile=False)
