@@ -65,6 +65,7 @@ import importlib
 import importlib.util
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -458,7 +459,7 @@ def _quantize_linears(model: nn.Module) -> bool:
     those, of ``torch.ao.quantization.quantize_dynamic`` with ``per_channel_dynamic_qconfig``, torch's one
     eager int8 flow with CPU kernels (torchao's int8 path needs ``torch.compile`` to reach them). Its steps are
     public and taken here one by one because its ``from_float`` first builds each layer at full size and packs
-    an all-zero weight that is then replaced: a third of the start-up for nothing. torch has deprecated
+    an all-zero weight that is then replaced, as costly to pack as the real one. torch has deprecated
     ``torch.ao.quantization`` in favour of torchao: this is the one place that uses it, quiets its deprecation
     warnings and, once a release drops it, falls back to fp32 with a warning.
     """
@@ -475,9 +476,12 @@ def _quantize_linears(model: nn.Module) -> bool:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
             warnings.filterwarnings("ignore", message=r"torch\.quantize_per_\w+.* are deprecated")
-            int8 = [
-                _int8_linear(child, per_channel_dynamic_qconfig, DynamicInt8Linear) for *_, child in slots
-            ]
+            convert = functools.partial(
+                _int8_linear, qconfig=per_channel_dynamic_qconfig, int8_class=DynamicInt8Linear
+            )
+            # torch quantizes and packs a weight on one thread: the layers go to all of torch's threads.
+            with ThreadPoolExecutor(max(1, min(torch.get_num_threads(), len(slots)))) as pool:
+                int8 = list(pool.map(convert, [child for *_, child in slots]))
     except (ImportError, AttributeError, RuntimeError) as err:
         warnings.warn(
             f"torch {torch.__version__} cannot quantize linear layers to int8 here ({type(err).__name__}: "
