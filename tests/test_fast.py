@@ -5,6 +5,7 @@ compiles, on a two-block model.
 """
 
 import copy
+import importlib
 import re
 import sys
 import warnings
@@ -657,11 +658,11 @@ def test_int8_layers_are_those_of_torchs_flow_bit_for_bit():
     assert {k: type(m) for k, m in layers.items()} == {k: type(m) for k, m in theirs.named_modules()}
     assert type(ours[2]) is Subclass and len(quantized_linears(ours)) == 2 * 4 + 2 + 1
     for name, their in theirs.named_modules():
-        if their in quantized_linears(theirs):
+        if isinstance(their, DynamicLinear):
             our = layers[name]
             assert (our.in_features, our.out_features) == (their.in_features, their.out_features)
             assert str(our) == str(their)
-            (w, b), (their_w, their_b) = our._weight_bias(), their._weight_bias()
+            w, b, their_w, their_b = our.weight(), our.bias(), their.weight(), their.bias()
             assert torch.equal(w.int_repr(), their_w.int_repr())
             assert torch.equal(w.q_per_channel_scales(), their_w.q_per_channel_scales())
             assert torch.equal(w.q_per_channel_zero_points(), their_w.q_per_channel_zero_points())
@@ -678,8 +679,6 @@ def test_int8_layers_are_those_of_torchs_flow_bit_for_bit():
 def test_int8_falls_back_to_fp32_when_torch_drops_its_flow(monkeypatch, module, name):
     """torch has deprecated ``torch.ao.quantization``: the one function that uses it warns and the copy
     stays fp32 once a release removes what it takes."""
-    import importlib
-
     monkeypatch.delattr(importlib.import_module(module), name)
     model = small_deit()
     with pytest.warns(RuntimeWarning, match="cannot quantize linear layers to int8") as record:
