@@ -18,6 +18,8 @@ outputs are checked to agree). Modes, each a row per variant and batch size:
   linears there and on CPUs without native bf16) against ``torch.compile(timm_model)`` in the same dtype, or
   for int8 in timm's fastest (bf16 where the CPU has it natively, else fp32: timm has no int8 path).
 * ``fast-fp32``: ``optimize_for_inference(model, dtype=torch.float32)`` against timm compiled in fp32.
+* ``fast-bf16``: ``optimize_for_inference(model, dtype=torch.bfloat16)`` against timm compiled in bf16 (skipped
+  on CPUs without native bf16); beside ``fast-int8`` it shows which of the two ``pick_dtype`` should pick.
 * ``fast-int8``: ``optimize_for_inference(model, dtype=torch.qint8)`` (CPU only) against timm compiled as
   for ``fast`` in int8.
 * ``fast-nographs``: ``optimize_for_inference(model, cuda_graphs=False)`` (CUDA only): what the CUDA graphs of
@@ -50,12 +52,13 @@ import deit_registry as dr
 from deit_registry.fast import compiler_available, optimize_for_inference, pick_dtype
 from deit_registry.variants import VARIANTS
 
-MODES = ("exact", "bf16", "fast", "fast-fp32", "fast-int8", "fast-nographs")
+MODES = ("exact", "bf16", "fast", "fast-fp32", "fast-bf16", "fast-int8", "fast-nographs")
 # The modes' fixed dtypes; the others (fast, fast-nographs) take the fast mode's own choice for the device.
 MODE_DTYPES = {
     "exact": torch.float32,
     "bf16": torch.bfloat16,
     "fast-fp32": torch.float32,
+    "fast-bf16": torch.bfloat16,
     "fast-int8": torch.qint8,
 }
 EAGER_MODES = ("exact", "bf16")
@@ -139,7 +142,8 @@ def timed_alternately(
     budget_s: float = 3.0,
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, sampled in turn (each sample >= ``target_s``): ``repeats`` times, or
-    up to 5x as often while that fits in ``budget_s``, since the quick rows (batch 1) are the noisy ones."""
+    up to 5x as often while that fits in ``budget_s``, since the quick rows (batch 1) are the noisy ones. The
+    order reverses every round, so that neither side always runs right after the other's call."""
     inner, per_call = {}, {}
     for name, fn in fns.items():
         start = time.perf_counter()
@@ -150,8 +154,8 @@ def timed_alternately(
     round_s = sum(inner[name] * per_call[name] for name in fns)
     repeats = max(repeats, min(5 * repeats, int(budget_s / round_s)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for round_ in range(repeats):
+        for name, fn in list(fns.items())[:: -1 if round_ % 2 else 1]:
             start = time.perf_counter()
             for _ in range(inner[name]):
                 fn()
@@ -327,10 +331,10 @@ def main(argv: list[str] | None = None) -> None:
     unavailable: dict[str, str | None] = {}
     if device.type == "cpu" and pick_dtype(device) is not torch.bfloat16:
         skipped.append(
-            "bf16 rows: no native bf16 on this CPU (the fast mode runs dynamic int8 linears here, or fp32 "
-            "without x86 int8 kernels; emulated bf16 would only be slower)"
+            "bf16 and fast-bf16 rows: no native bf16 on this CPU (the fast mode runs dynamic int8 linears here, "
+            "or fp32 without x86 int8 kernels; emulated bf16 would only be slower)"
         )
-        unavailable["bf16"] = None
+        unavailable.update({"bf16": None, "fast-bf16": None})
     if device.type != "cpu":
         unavailable["fast-int8"] = f"int8 linear layers run on the CPU only, not {device.type}"
     if device.type != "cuda":

@@ -31,7 +31,10 @@ def test_inference_benchmark_compares_with_timms_own_model():
     assert diff < 1e-5
 
 
-@pytest.mark.parametrize("mode, dtype", [("fast-fp32", torch.float32), ("fast-int8", torch.qint8)])
+@pytest.mark.parametrize(
+    "mode, dtype", [("fast-fp32", torch.float32), ("fast-bf16", torch.bfloat16), ("fast-int8", torch.qint8)]
+)
+@pytest.mark.filterwarnings("ignore:this CPU has no native bf16")  # fast-bf16 builds its copy on any CPU
 def test_inference_benchmark_forced_modes_run_their_dtype(mode, dtype):
     """The forced fast modes build our fast copy in their dtype, beside timm's model compiled in fp32."""
     pytest.importorskip("timm")
@@ -81,6 +84,27 @@ def test_inference_benchmark_skips_the_cuda_only_modes_on_cpu(capsys):
     inference.main(args + ["--repeats", "1", "--sample-seconds", "0"])
     out = capsys.readouterr().out
     assert "# skipped: fast-nographs rows: CUDA graphs exist on CUDA only, not cpu" in out
+    assert not [line for line in out.splitlines() if line.startswith("deit_tiny_patch16_224")]
+
+
+def test_inference_benchmark_alternates_which_side_runs_first():
+    inference = load_script("inference")
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("ours", "timm")}
+    samples = inference.timed_alternately(fns, repeats=3, device=torch.device("cpu"), target_s=0, budget_s=0)
+    assert {name: len(s) for name, s in samples.items()} == {"ours": 3, "timm": 3}
+    # one calibrating call each, then one sample per side and round, the order reversed every round
+    assert calls == ["ours", "timm", "ours", "timm", "timm", "ours", "ours", "timm"]
+
+
+def test_inference_benchmark_skips_the_bf16_modes_without_native_bf16(capsys, monkeypatch):
+    pytest.importorskip("timm")
+    inference = load_script("inference")
+    monkeypatch.setattr(inference, "pick_dtype", lambda device, model=None: torch.qint8)  # as on Zen 3
+    args = ["--variants", "deit_tiny_patch16_224", "--batch-sizes", "1", "--modes", "bf16", "fast-bf16"]
+    inference.main(args + ["--repeats", "1", "--sample-seconds", "0", "--no-agreement"])
+    out = capsys.readouterr().out
+    assert "# skipped: bf16 and fast-bf16 rows: no native bf16 on this CPU" in out
     assert not [line for line in out.splitlines() if line.startswith("deit_tiny_patch16_224")]
 
 
