@@ -113,8 +113,9 @@ def pick_dtype(device: torch.device, model: nn.Module | None = None) -> torch.dt
 
 # Every CPU with AVX512-BF16 also has AVX512-VNNI, whose int8 multiply-add does twice the bf16 one's work per
 # instruction. Without AMX that made dynamic int8 linears (with bf16 attention) faster than the compiled bf16
-# model from this width on; narrower models spend more of their time quantizing activations and in eager
-# per-call overhead, and compiled bf16 stays faster for them (deit_tiny). With AMX, bf16 is far faster.
+# model from this width on (measured on AMD Zen 4 and Zen 5); narrower models spend more of their time
+# quantizing activations and in eager per-call overhead, and compiled bf16 stays faster for them (deit_tiny).
+# With AMX, bf16 is far faster.
 _INT8_MIN_WIDTH = 384
 
 
