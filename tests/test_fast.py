@@ -270,6 +270,53 @@ def test_fast_copy_runs_the_last_block_for_the_head_tokens_only(distilled):
     assert skipped == 2 * len(x) * macs
 
 
+@pytest.mark.parametrize(
+    ("dtype", "amx", "compile", "traced_once"),
+    [
+        (torch.float32, False, True, True),
+        (torch.float32, True, True, True),  # fp32 is never frozen
+        (torch.bfloat16, False, True, True),
+        (torch.bfloat16, True, True, False),  # frozen: the weights are constants inside each block's code
+        (torch.float32, False, False, False),  # eager
+        (torch.qint8, False, None, False),  # int8 runs eagerly
+    ],
+)
+def test_compiled_cpu_copies_trace_their_blocks_once(dtype, amx, compile, traced_once, monkeypatch):
+    """Which copies mark their blocks as nested compile regions: compiled CPU graphs whose weights stay inputs."""
+    monkeypatch.setattr(fast, "_cpu_has_amx", lambda: amx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # emulated bf16 on CPUs without it
+        fast_model = fast.optimize_for_inference(small_deit(), dtype=dtype, compile=compile)
+    expected = fast._InferenceBlockTracedOnce if traced_once else fast.InferenceBlock
+    assert all(type(b) is expected for b in fast_model.model.blocks)
+    assert [b.num_queries for b in fast_model.model.blocks] == [None, 2]
+
+
+def test_blocks_traced_once_share_one_region_and_keep_the_short_last_block(monkeypatch):
+    """Dynamo traces the first block as a nested compile region and stamps it out for the two like it; the
+    last block, which computes the prefix tokens only, is traced apart. Outputs as the original model's."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(fast, "_compile", lambda model, cuda_graphs: torch.compile(model, backend=backend))
+    torch.manual_seed(0)
+    model = DeiT(img_size=64, embed_dim=96, depth=4, num_heads=3, num_classes=10, distilled=True).eval()
+    fast_model = fast.optimize_for_inference(model, dtype=torch.float32, compile=True)
+    x = images(2)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast_model(x), model(x), rtol=0, atol=1e-5)
+    (graph,) = graphs
+    regions = [n for n in graph.graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(regions) >= 3 and len({n.args[1] for n in regions[:3]}) == 1  # one trace, three blocks
+    # The final norm (the graph's last LayerNorm) gets the last block's output: the two prefix tokens only.
+    final_norm = [n for n in graph.graph.nodes if n.target is nn.functional.layer_norm][-1]
+    assert final_norm.meta["example_value"].shape == (2, 2, 96)
+    torch.compiler.reset()
+
+
 @pytest.mark.parametrize("kwargs", [dict(global_pool="avg"), dict(head="mim")], ids=["avg", "mim"])
 def test_heads_that_read_patch_tokens_keep_every_token(kwargs):
     """Average pooling and spatial heads read the patch tokens: the fast copy computes all of them."""
