@@ -137,8 +137,8 @@ def synchronize(device: torch.device) -> None:
 def warm_up_compiler(device: torch.device) -> None:
     """Pay the compiler stack's one-time start-up here, not in the ``ready`` time of whichever model compiles
     first (ours, in every row): its imports, the C++ toolchain probe, and Dynamo's first trace through torch's
-    own layers, both models' building blocks, which reads the source of ``torch.nn.functional`` once per process
-    for its log lines."""
+    own layers, both models' building blocks, which reads the source of ``torch.nn.functional`` once per
+    process for its log lines."""
     layers = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.GELU(), nn.Dropout(0.0)).to(device).eval()
     with torch.inference_mode():
         torch.compile(layers, dynamic=False)(torch.ones(2, 8, device=device))

@@ -441,7 +441,7 @@ def _leading_queries(attn: Attention, x: torch.Tensor, num_queries: int) -> torc
 
 
 class _InferenceBlockTracedOnce(InferenceBlock):
-    """An :class:`InferenceBlock` marked as a nested compile region (``torch.compiler.nested_compile_region``).
+    """An :class:`InferenceBlock` that is a nested compile region (``torch.compiler.nested_compile_region``).
 
     ``torch.compile`` traces one block and reuses the trace and its compiled code for every block of the same
     shapes and settings (the last one, with its ``num_queries``, gets its own) instead of tracing each block:
@@ -456,9 +456,9 @@ class _InferenceBlockTracedOnce(InferenceBlock):
 
 
 def _use_inference_blocks(model: nn.Module, traced_once: bool = False) -> None:
-    """Give every DeiT inside ``model`` :class:`InferenceBlock` s (``traced_once``: compiled as one nested region,
-    :class:`_InferenceBlockTracedOnce`); the last one computes only the prefix tokens when the head reads
-    nothing else (a pooled head on the class/distillation tokens)."""
+    """Give every DeiT inside ``model`` :class:`InferenceBlock` s (``traced_once``: compiled as one nested
+    region, :class:`_InferenceBlockTracedOnce`); the last one computes only the prefix tokens when the head
+    reads nothing else (a pooled head on the class/distillation tokens)."""
     block_class = _InferenceBlockTracedOnce if traced_once else InferenceBlock
     for deit in [m for m in model.modules() if isinstance(m, DeiT)]:
         prefix_only = deit.head_input == "pooled" and deit.global_pool == "token"
@@ -763,8 +763,8 @@ def optimize_for_inference(
                 RuntimeWarning,
                 stacklevel=2,
             )
-    # Blocks traced once where that was measured: compiled CPU graphs with the weights as graph inputs (frozen,
-    # pre-packed weights must be constants inside each block's code; int8 and GPUs were not measured).
+    # Blocks traced once where that was measured: compiled CPU graphs with the weights as graph inputs
+    # (frozen, pre-packed weights must be constants inside each block's code; int8 and GPUs: not measured).
     unfrozen_cpu = device.type == "cpu" and dtype is not torch.qint8 and not _prepacks(device, dtype)
     _use_inference_blocks(converted, traced_once=bool(compile) and unfrozen_cpu)
     if dtype is torch.qint8 and _cpu_has_native_bf16():

@@ -282,7 +282,7 @@ def test_fast_copy_runs_the_last_block_for_the_head_tokens_only(distilled):
     ],
 )
 def test_compiled_cpu_copies_trace_their_blocks_once(dtype, amx, compile, traced_once, monkeypatch):
-    """Which copies mark their blocks as nested compile regions: compiled CPU graphs whose weights stay inputs."""
+    """Which copies make their blocks nested compile regions: compiled CPU graphs, weights as inputs."""
     monkeypatch.setattr(fast, "_cpu_has_amx", lambda: amx)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # emulated bf16 on CPUs without it
