@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 import deit_registry as dr
-from deit_registry.fast import compiler_available, optimize_for_inference, pick_dtype
+from deit_registry.fast import _cpuinfo, compiler_available, optimize_for_inference, pick_dtype
 from deit_registry.variants import VARIANTS
 
 MODES = ("exact", "bf16", "fast", "fast-fp32", "fast-bf16", "fast-int8", "fast-nographs")
@@ -65,23 +65,8 @@ EAGER_MODES = ("exact", "bf16")
 DEFAULT_VARIANTS = ["deit_tiny_patch16_224", "deit_small_distilled_patch16_224", "deit_base_patch16_224"]
 
 
-def cpu_info() -> dict[str, str]:
-    """The first processor's ``/proc/cpuinfo`` fields (empty where there is none)."""
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    break
-                key, _, value = line.partition(":")
-                info[key.strip()] = value.strip()
-    except OSError:
-        pass
-    return info
-
-
 def cpu_name() -> str:
-    return cpu_info().get("model name") or platform.processor() or platform.machine()
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 # /proc/cpuinfo flag -> name; the ones that decide which kernels oneDNN and FBGEMM can use.
@@ -98,7 +83,7 @@ CPU_FEATURES = {
 
 def cpu_features() -> str:
     """Which of :data:`CPU_FEATURES` this CPU has, e.g. ``"AVX2 yes, AVX-512 no, ..."``."""
-    flags = set(cpu_info().get("flags", "").split())
+    flags = set(_cpuinfo().get("flags", "").split())
     return ", ".join(f"{name} {'yes' if flag in flags else 'no'}" for flag, name in CPU_FEATURES.items())
 
 

@@ -18,19 +18,24 @@ What each device gets by default (:func:`pick_dtype`; the original model is unto
 * **CPUs without native bf16** (emulated bf16 is slower than fp32): ``torch.qint8``, i.e. every linear layer in
   dynamic int8 (int8 weights with a scale per output channel; each layer's input quantized per call with one
   scale for the whole batch, so an image's logits can move slightly with its batch mates) and everything
-  else fp32, run eagerly: no compile, so the first call is as quick as any other. Arm CPUs (no x86 int8
-  kernels in torch) get compiled fp32.
-* **CPUs with native bf16 but no AMX** (e.g. AMD Zen 4 and 5), for DeiTs as wide as deit_small or wider:
-  ``torch.qint8`` as well, its attention computed in bf16 (:func:`pick_dtype`); narrower ones compile bf16.
+  else fp32, not compiled: a DeiT's copy runs as a TorchScript trace per input shape, made in well under a
+  second on its first call (``traced``), other models' copies run eagerly. Arm CPUs (no x86 int8 kernels in
+  torch) get compiled fp32.
+* **CPUs with native bf16 but no AMX** (e.g. AMD Zen 4 and 5), for DeiTs as wide as deit_small or wider, and
+  on Zen 4 for every DeiT: ``torch.qint8`` as well, its attention computed in bf16 (:func:`pick_dtype`);
+  narrower ones compile bf16.
 
 ``benchmarks/inference.py`` reports each trade's top-1 agreement with fp32 on a trained model. What else is
 traded: **start-up time** for the compiled dtypes (the first call per input shape compiles; later calls are
 faster, and so are later processes where inductor's on-disk cache can keep the graph: all but the frozen
 half-precision CPU graphs) and **flexibility** (inference only, under ``torch.inference_mode()``; the weights
 are copied, so later edits to the original model are not seen; each new input shape compiles again,
-``dynamic=False``, up to ``_RECOMPILE_LIMIT`` = 64 graphs per process; a large CPU batch runs in
-pieces of a power-of-two size, and a remainder compiles a graph of its own; a CUDA graph per shape also keeps
-its activations' memory).
+``dynamic=False``, up to ``_RECOMPILE_LIMIT`` = 64 graphs per process, and likewise each traces again, up to
+64 traces per fast model; a large CPU batch runs in pieces of a power-of-two size, and a remainder compiles
+or traces a graph of its own; a CUDA graph per shape also keeps its activations' memory). A trace runs the
+copy as it was when traced, so later edits to ``fast.model`` are not seen by it; forward hooks are: while one
+is registered on the copy or globally, calls run the copy's modules (:func:`_forward_hook_tables`).
+``compile=False`` never traces.
 
 How, on CPUs with AMX, when compiling in half precision: weight freezing, so the linears run as pre-packed
 oneDNN kernels with bias, GELU and the residual add fused. Everything else compiles plainly, unfrozen
@@ -55,7 +60,9 @@ it for the others, for a shorter time to the first output (GPUs, not measured wi
 
 Where a piece is missing it falls back and says so with a warning: torch without its int8 flow -> float32;
 no C++ compiler (CPU) or Triton (CUDA), a compile that fails, or too many compiled graphs -> eager execution;
-torch's compiler internals moved (see :func:`_compiler_internals`) -> compiling without weight freezing.
+torch.jit gone, unsupported (Python 3.14) or failing, or nn.Module's hook tables moved -> the int8 copy runs
+eagerly; torch's compiler internals moved (see :func:`_compiler_internals`) -> compiling without weight
+freezing.
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ import functools
 import importlib
 import importlib.util
 import shutil
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -92,13 +100,14 @@ _INT8_ENGINES = ("x86", "fbgemm", "onednn")
 
 
 def pick_dtype(device: torch.device, model: nn.Module | None = None) -> torch.dtype:
-    """The fastest compute dtype on ``device`` (for ``model``, where the choice depends on its width).
+    """The fastest compute dtype on ``device`` (for ``model``, where the choice depends on it).
 
     CUDA: bfloat16 where supported (Ampere and later), else float16. CPU: bfloat16 when oneDNN has native
-    bf16 kernels (AVX512-BF16 / AMX), except for a DeiT ``model`` at least ``_INT8_MIN_WIDTH`` wide
-    (deit_small, deit_base) on such a CPU without AMX, where ``torch.qint8`` with bf16 attention is faster;
-    ``torch.qint8`` (dynamic int8 linear layers, the rest fp32) on CPUs without native bf16 where torch has
-    x86 int8 kernels, since emulated bf16 is slower than fp32; float32 elsewhere. ::
+    bf16 kernels (AVX512-BF16 / AMX), except on such a CPU without AMX for a DeiT ``model`` at least
+    ``_INT8_MIN_WIDTH`` wide (deit_small, deit_base), or for any DeiT ``model`` where the CPU runs AVX-512 on
+    256-bit halves (AMD Zen 4, :func:`_cpu_halves_avx512`): there ``torch.qint8`` with bf16 attention is
+    faster; ``torch.qint8`` (dynamic int8 linear layers, the rest fp32) on CPUs without native bf16 where
+    torch has x86 int8 kernels, since emulated bf16 is slower than fp32; float32 elsewhere. ::
 
         dtype = pick_dtype(torch.device("cpu"), model)  # what optimize_for_inference(model) computes in
     """
@@ -107,8 +116,10 @@ def pick_dtype(device: torch.device, model: nn.Module | None = None) -> torch.dt
     if device.type == "cpu":
         int8 = torch.backends.quantized.engine in _INT8_ENGINES
         if _cpu_has_native_bf16():
-            wide = model is not None and _width(model) >= _INT8_MIN_WIDTH
-            return torch.qint8 if int8 and wide and not _cpu_has_amx() else torch.bfloat16
+            width = 0 if model is None else _width(model)
+            narrow_too = isinstance(model, DeiT) and _cpu_halves_avx512()  # traced: see the comment below
+            faster = width >= _INT8_MIN_WIDTH or narrow_too
+            return torch.qint8 if int8 and faster and not _cpu_has_amx() else torch.bfloat16
         return torch.qint8 if int8 else torch.float32
     return torch.float32
 
@@ -116,8 +127,10 @@ def pick_dtype(device: torch.device, model: nn.Module | None = None) -> torch.dt
 # Every CPU with AVX512-BF16 also has AVX512-VNNI, whose int8 multiply-add does twice the bf16 one's work per
 # instruction. Without AMX that made dynamic int8 linears (with bf16 attention) faster than the compiled bf16
 # model from this width on (measured on AMD Zen 4 and Zen 5); narrower models spend more of their time
-# quantizing activations and in eager per-call overhead, and compiled bf16 stays faster for them (deit_tiny).
-# With AMX, bf16 is far faster.
+# quantizing activations, and on Zen 5 compiled bf16 stays faster for them (deit_tiny, eager int8: much slower
+# at batch 32). On Zen 4, whose bf16 matmuls run at about half Zen 5's rate while its int8 layers do not, a
+# DeiT's int8 copy run as a TorchScript trace (FastInferenceModel.traced) beat compiled bf16 for deit_tiny
+# too, at batch 1 by far. With AMX, bf16 is far faster.
 _INT8_MIN_WIDTH = 384
 
 
@@ -137,20 +150,40 @@ def _cpu_has_native_bf16() -> bool:
 
 
 @functools.cache
+def _cpuinfo(path: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's fields in Linux's ``path`` (empty elsewhere). No public torch API reports the
+    CPU's make or AMX."""
+    info: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return info
+
+
 def _cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether the CPU has AMX for bf16, as Linux reports it in ``cpuinfo`` (elsewhere: assumed not).
 
     torch's fused CPU attention kernel and oneDNN's pre-packed bf16 linears are fast with AMX; without it
     (AVX512-BF16 alone, e.g. AMD Zen 4 and 5) the fused attention kernel runs bf16 at a fraction of the
-    speed of two batched matmuls and a softmax. No public torch API reports AMX."""
-    try:
-        with open(cpuinfo, encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "amx_bf16" in line.split()
-    except OSError:
-        pass
-    return False
+    speed of two batched matmuls and a softmax."""
+    return "amx_bf16" in _cpuinfo(cpuinfo).get("flags", "").split()
+
+
+def _cpu_halves_avx512(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU executes AVX-512 on 256-bit units, two halves per instruction: AMD's CPU family 25
+    (0x19) with AVX-512, i.e. Zen 4 (Zen 3, the same family, has no AVX-512; Zen 5 is family 26)."""
+    info = _cpuinfo(cpuinfo)
+    return (
+        info.get("vendor_id") == "AuthenticAMD"
+        and info.get("cpu family") == "25"
+        and "avx512f" in info.get("flags", "").split()
+    )
 
 
 def _half_on_cpu(device: torch.device, dtype: torch.dtype) -> bool:
@@ -231,12 +264,18 @@ class FastInferenceModel(nn.Module):
     Inputs are moved to the model's device and cast to its dtype; floating-point outputs (tensors, tuples,
     lists, dicts) come back in the input's floating dtype, so it replaces the fp32 model in existing code.
     ``model`` is the converted copy, ``dtype`` the compute dtype (``torch.qint8``: int8 linear layers, fp32
-    activations, attention in bf16 where the CPU has native bf16) and ``compiled`` whether calls go through
-    ``torch.compile`` (it turns False if compiling fails).
+    activations, attention in bf16 where the CPU has native bf16), ``compiled`` whether calls go through
+    ``torch.compile`` (it turns False if compiling fails) and ``traced`` whether plain calls of an eager copy
+    run a TorchScript trace of it per input shape (:func:`_trace`; it turns False if tracing fails).
     """
 
     def __init__(
-        self, model: nn.Module, dtype: torch.dtype, compiled: Any | None, cuda_graphs: bool = False
+        self,
+        model: nn.Module,
+        dtype: torch.dtype,
+        compiled: Any | None,
+        cuda_graphs: bool = False,
+        traced: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -251,10 +290,17 @@ class FastInferenceModel(nn.Module):
         # compile settings, whose patching costs a noticeable share of a small model's batch-1 latency.
         self._compiled_inputs: set[tuple[Any, ...]] = set()
         self._cuda_graphs = cuda_graphs
+        # Input key (as for _compiled_inputs) -> the copy's trace for it; None: calls run the copy itself.
+        self._traces: dict[tuple[Any, ...], Any] | None = {} if traced and compiled is None else None
+        self._hook_tables: tuple[dict[Any, Any], ...] = ()
 
     @property
     def compiled(self) -> bool:
         return self._compiled is not None
+
+    @property
+    def traced(self) -> bool:
+        return self._traces is not None
 
     @property
     def cuda_graphs(self) -> bool:
@@ -288,7 +334,9 @@ class FastInferenceModel(nn.Module):
         hidden, patch_pixels, prefix = self._chunk_shape
         tokens = x.shape[-2] * x.shape[-1] // patch_pixels + prefix
         if self._compiled is None:  # eager activations: fp32, also around int8 linears
-            return max(1, _CHUNK_BYTES // (tokens * hidden * 4))
+            size = max(1, _CHUNK_BYTES // (tokens * hidden * 4))
+            # each batch size traces once: a power of two, so that common batches need one trace
+            return 1 << (size.bit_length() - 1) if self.traced else size
         per_image = tokens * hidden * self.input_dtype.itemsize
         if len(x) * per_image < _MMAP_MAX_BYTES:
             return None
@@ -296,7 +344,8 @@ class FastInferenceModel(nn.Module):
 
     def _run(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._compiled is None:
-            return self.model(x, *args, **kwargs)
+            trace = self._trace_for(x, args, kwargs) if self._traces is not None else None
+            return (trace or self.model)(x, *args, **kwargs)
         key = _input_key(x, args, kwargs)
         settings = (
             contextlib.nullcontext()
@@ -327,8 +376,102 @@ class FastInferenceModel(nn.Module):
             self._compiled_inputs.add(key)
         return out
 
+    def _trace_for(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any | None:
+        """The copy's trace for this input, made on its first call; None to run the copy itself: calls with
+        extra arguments, while a forward hook is registered (a trace would call it only while tracing), past
+        ``_RECOMPILE_LIMIT`` input shapes (warned), and once tracing has failed for a valid input (warned)."""
+        key = _input_key(x, args, kwargs)
+        if key is None or any(self._hook_tables):
+            return None
+        trace = self._traces.get(key)
+        if trace is not None:
+            return trace
+        if len(self._traces) >= _RECOMPILE_LIMIT:
+            warnings.warn(
+                f"this fast model already holds {_RECOMPILE_LIMIT} traces (one per input shape); other shapes "
+                "run eagerly (slower per call)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+        tables = _forward_hook_tables(self.model)
+        if tables is None:  # where hooks are kept is unknown (warned): never trace
+            self._traces = None
+            return None
+        self._hook_tables = tables
+        if any(tables):
+            return None
+        try:
+            trace = _trace(self.model, x)
+        except _Untraceable as err:
+            self.model(x)  # where the input itself is wrong, its error is raised here and tracing stays on
+            warnings.warn(
+                f"{err}; running the {type(self.model).__name__} copy eagerly instead (slower per call; "
+                "compile=False skips tracing)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self._traces = None
+            return None
+        self._traces[key] = trace
+        return trace
+
     def extra_repr(self) -> str:
-        return f"dtype={self.dtype}, device={self.device}, compiled={self.compiled}, cuda_graphs={self.cuda_graphs}"
+        return (
+            f"dtype={self.dtype}, device={self.device}, compiled={self.compiled}, traced={self.traced}, "
+            f"cuda_graphs={self.cuda_graphs}"
+        )
+
+
+class _Untraceable(Exception):
+    """This Python or torch cannot trace the copy; the message says why."""
+
+
+def _trace(model: nn.Module, x: torch.Tensor) -> Any:
+    """``model`` traced by TorchScript for inputs of ``x``'s shape; raises :class:`_Untraceable` where this
+    Python or torch cannot trace it.
+
+    For the int8 copy, whose quantized layers ``torch.compile`` cannot see into: run eagerly, a small DeiT
+    spends much of a batch-1 call in Python, and the trace runs the same operators, bit for bit, from C++.
+    Shape checks become constants of the trace (its TracerWarnings, silenced here), hence one per input shape.
+    torch has deprecated ``torch.jit`` (every trace warns; from Python 3.14 it is unsupported): this is the
+    one place that uses it, and the copy runs eagerly once a release drops it."""
+    if sys.version_info >= (3, 14):
+        raise _Untraceable("torch.jit.trace does not support Python 3.14 and later")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
+            return torch.jit.trace(model, x, check_trace=False)
+    except (AttributeError, RuntimeError, TypeError, ValueError) as err:
+        raise _Untraceable(
+            f"torch.jit.trace failed ({type(err).__name__}: {(str(err) or '?').splitlines()[0]})"
+        ) from err
+
+
+def _forward_hook_tables(model: nn.Module) -> tuple[dict[Any, Any], ...] | None:
+    """The tables in which ``model``'s modules and torch's global module hooks keep their forward hooks (one
+    not empty: a hook is registered), or None (with a warning) where torch moved them.
+
+    No public API tells whether a module has hooks; this reads ``nn.Module``'s own tables, in place, so a hook
+    registered later is seen in them."""
+    from torch.nn.modules import module as nn_module
+
+    try:
+        tables = [nn_module._global_forward_pre_hooks, nn_module._global_forward_hooks]
+        for m in model.modules():
+            tables += (m._forward_pre_hooks, m._forward_hooks)
+    except AttributeError:
+        tables = [None]
+    if all(isinstance(t, dict) for t in tables):
+        return tuple(tables)
+    warnings.warn(
+        f"torch {torch.__version__} keeps forward hooks where deit_registry.fast cannot see them; running the "
+        "copy eagerly, so that hooks still run",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return None
 
 
 # glibc serves blocks above 32 MiB (its highest mmap threshold) straight from the kernel and returns them on
@@ -702,13 +845,15 @@ def optimize_for_inference(
             cast to ``dtype`` on its current device (``torch.qint8``: its linear layers quantized).
         dtype: compute dtype; ``None`` picks the fastest trade for the device (:func:`pick_dtype`:
             bfloat16 on CPUs with AVX512-BF16/AMX and recent GPUs, float16 on older GPUs, ``torch.qint8`` on
-            other x86 CPUs and for deit_small and wider on CPUs with AVX512-BF16 but no AMX, else float32).
+            other x86 CPUs and for deit_small and wider on CPUs with AVX512-BF16 but no AMX (every DeiT on
+            AMD Zen 4), else float32).
             ``torch.qint8`` (CPU only): dynamic int8 linear layers, the rest fp32 except attention, which
             runs in bf16 where the CPU has native bf16.
         compile: ``torch.compile`` it with inductor (weights frozen for half precision on CPUs with AMX);
             ``None`` compiles when a compiler is available for the device (:func:`compiler_available`) and the
-            dtype is not ``torch.qint8`` (compiling around the int8 layers is slower than running them eagerly),
-            ``False`` never, ``True`` always (falling back to eager with a warning if compilation fails).
+            dtype is not ``torch.qint8`` (compiling around the int8 layers is slower than running them eagerly;
+            an int8 DeiT runs a TorchScript trace of itself per input shape instead, ``traced``), ``False``
+            never (nor traces), ``True`` always (falling back to eager with a warning if compilation fails).
         cuda_graphs: with ``compile``, replay each input shape's compiled kernels as one CUDA graph
             (``torch.compile(mode="reduce-overhead")``): far less launch overhead at small batches, for GPU
             memory held per shape. ``None``: on for models on CUDA. The graph overwrites its outputs on the
@@ -752,9 +897,10 @@ def optimize_for_inference(
     if dtype is not torch.qint8:
         converted.to(dtype)
     compiled = None
+    # int8 by default: the quantized linears are opaque to the compiler, and compiling around them measured
+    # slower than running the model eagerly; a DeiT's plain calls run a TorchScript trace of it instead.
+    traced = compile is None and dtype is torch.qint8 and isinstance(converted, DeiT)
     if compile is None:
-        # int8: the quantized linears are opaque to the compiler, and compiling around them measured slower
-        # than running the model eagerly.
         compile = dtype is not torch.qint8 and compiler_available(device)
         if not compile and dtype is not torch.qint8:
             warnings.warn(
@@ -783,4 +929,4 @@ def optimize_for_inference(
             warnings.warn(
                 f"torch.compile unavailable ({err}); running eagerly in {dtype}", RuntimeWarning, stacklevel=2
             )
-    return FastInferenceModel(converted, dtype, compiled, cuda_graphs)
+    return FastInferenceModel(converted, dtype, compiled, cuda_graphs, traced=traced)

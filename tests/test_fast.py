@@ -235,6 +235,25 @@ def test_amx_probe_reads_the_cpu_flags(tmp_path):
     assert isinstance(fast._cpu_has_amx(), bool)
 
 
+@pytest.mark.parametrize(
+    "vendor, family, flags, halves",
+    [
+        ("AuthenticAMD", 25, "avx2 avx512f avx512_bf16", True),  # Zen 4
+        ("AuthenticAMD", 25, "avx2", False),  # Zen 3: the same family, no AVX-512
+        ("AuthenticAMD", 26, "avx2 avx512f avx512_bf16", False),  # Zen 5: full-width AVX-512
+        ("GenuineIntel", 6, "avx2 avx512f avx512_bf16", False),  # Cooper Lake
+    ],
+)
+def test_half_width_avx512_probe_reads_the_cpu_make(tmp_path, vendor, family, flags, halves):
+    cpuinfo = tmp_path / "cpuinfo"
+    fields = (
+        f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: 17\nflags\t\t: {flags}\n"
+    )
+    cpuinfo.write_text(fields + "\nprocessor\t: 1\nvendor_id\t: other\n")  # the first processor's fields
+    assert fast._cpu_halves_avx512(str(cpuinfo)) is halves
+    assert fast._cpu_halves_avx512(str(tmp_path / "missing")) is False
+
+
 def explicit_attention_flops(model: nn.Module, x: torch.Tensor) -> int:
     """FLOPs with attention as explicit matmuls: FlopCounterMode counts CPU scaled_dot_product_attention as 0
     in some torch releases."""
@@ -591,6 +610,155 @@ def test_int8_linears_close_to_fp32(distilled):
         assert not torch.equal(features, probe(x)[0])  # it really ran in int8
 
 
+def int8_pair(model: nn.Module) -> tuple[fast.FastInferenceModel, fast.FastInferenceModel]:
+    """The default int8 copy (traced) and the same copy run as modules (``compile=False``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return fast.optimize_for_inference(model, dtype=torch.qint8), fast.optimize_for_inference(
+            model, dtype=torch.qint8, compile=False
+        )
+
+
+def test_int8_deit_runs_a_trace_per_input_shape(monkeypatch):
+    """An int8 DeiT's plain calls run a TorchScript trace of its copy, one per input shape, made on the first
+    call: the same operators as the eager copy, so the same numbers bit for bit, and none of torch.jit's
+    deprecation or tracer warnings reach the user."""
+    traced = []
+    monkeypatch.setattr(
+        fast, "_trace", lambda model, x, trace=fast._trace: traced.append(len(x)) or trace(model, x)
+    )
+    model = small_deit()
+    fast_model, eager = int8_pair(model)
+    assert fast_model.traced and not fast_model.compiled and not eager.traced
+    assert "traced=True" in repr(fast_model)
+    x = images(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for n in (1, 5, 1, 5, 3):
+            assert torch.equal(fast_model(x[:n]), eager(x[:n]))
+        extra = fast_model(x[:2], None)  # an extra argument: the copy itself runs
+    assert traced == [1, 5, 3]
+    assert all(isinstance(t, torch.jit.ScriptModule) for t in fast_model._traces.values())
+    with torch.inference_mode():
+        assert torch.equal(extra, eager.model(x[:2], None))
+
+
+def test_int8_copies_that_are_no_deit_or_compile_false_run_their_modules():
+    probe = Probe(small_deit(), images()).eval()
+    assert not fast.optimize_for_inference(probe, dtype=torch.qint8).traced  # its output could be anything
+    assert not fast.optimize_for_inference(small_deit(), dtype=torch.qint8, compile=False).traced
+    assert not fast.optimize_for_inference(small_deit(), dtype=torch.float32, compile=False).traced
+
+
+def test_traced_calls_run_eagerly_while_a_forward_hook_is_registered():
+    """A trace would call a hook only while tracing: while one is registered on the copy (before or after its
+    first call) or globally, calls run the copy's modules, and the hook sees every call."""
+    fast_model, eager = int8_pair(small_deit())
+    x = images(2)
+    seen = []
+    hook = fast_model.model.blocks[0].register_forward_hook(lambda m, args, out: seen.append(len(out)))
+    fast_model(x)
+    assert seen == [2] and not fast_model._traces  # hooked from the start: nothing traced
+    hook.remove()
+    assert torch.equal(fast_model(x), eager(x)) and len(fast_model._traces) == 1
+    for register in (
+        lambda h: fast_model.model.norm.register_forward_pre_hook(lambda m, args: h(args[0])),
+        lambda h: fast_model.model.blocks[-1].register_forward_hook(lambda m, args, out: h(out)),
+        lambda h: nn.modules.module.register_module_forward_hook(lambda m, args, out: h(out)),
+    ):
+        seen.clear()
+        hook = register(lambda t: seen.append(tuple(t.shape)))
+        fast_model(x)
+        fast_model(x)
+        hook.remove()
+        assert len(seen) >= 2  # each call (the global hook: once per module)
+        seen.clear()
+        assert torch.equal(fast_model(x), eager(x)) and not seen  # the trace again
+    assert len(fast_model._traces) == 1
+
+
+def _failing_trace(*args, **kwargs):
+    raise RuntimeError("Tracer cannot infer type of output\nmore")
+
+
+@pytest.mark.parametrize(
+    "module, name, value, message",
+    [
+        (torch.jit, "trace", _failing_trace, r"torch.jit.trace failed \(RuntimeError: Tracer cannot infer"),
+        (fast, "sys", type("Sys", (), {"version_info": (3, 14, 0)}), "does not support Python 3.14"),
+        # torch keeping its global hooks in a table of another kind (it reads them only for truth)
+        (
+            nn.modules.module,
+            "_global_forward_hooks",
+            [],
+            "keeps forward hooks where deit_registry.fast cannot",
+        ),
+    ],
+    ids=["trace-fails", "python-3.14", "hook-tables-moved"],
+)
+def test_int8_copy_runs_eagerly_where_it_cannot_be_traced(monkeypatch, module, name, value, message):
+    """A trace that fails, a Python that torch.jit does not support, or hook tables torch has moved: a
+    warning naming the cause, then the copy runs as modules, with the same results."""
+    x = images(2)
+    fast_model, eager = int8_pair(small_deit())
+    monkeypatch.setattr(module, name, value)
+    with pytest.warns(RuntimeWarning, match=message):
+        out = fast_model(x)
+    assert not fast_model.traced
+    assert torch.equal(out, eager(x)) and torch.equal(fast_model(x), out)
+
+
+def test_hook_tables_are_nn_modules_own_and_their_loss_is_loud():
+    """The one reader of nn.Module's hook tables: the tables themselves (a hook registered later shows in
+    them), and a warning with None where a module lacks them."""
+    model = small_deit()
+    tables = fast._forward_hook_tables(model)
+    assert len(tables) == 2 + 2 * len(list(model.modules())) and not any(tables)
+    handle = model.blocks[1].mlp.register_forward_hook(lambda *args: None)
+    assert any(tables)
+    handle.remove()
+
+    class Moved(nn.Module):
+        def modules(self):
+            yield object()
+
+    with pytest.warns(RuntimeWarning, match="cannot see them"):
+        assert fast._forward_hook_tables(Moved()) is None
+
+
+def test_an_input_error_while_tracing_is_the_users_and_keeps_tracing_on():
+    fast_model, _ = int8_pair(small_deit())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="built for 64x64"):
+            fast_model(torch.randn(1, 3, 32, 32))
+        fast_model(images(1))
+    assert fast_model.traced and len(fast_model._traces) == 1
+
+
+def test_traces_are_capped_like_compiled_graphs(monkeypatch):
+    monkeypatch.setattr(fast, "_RECOMPILE_LIMIT", 1)
+    fast_model, eager = int8_pair(small_deit())
+    x = images(3)
+    fast_model(x[:1])
+    with pytest.warns(RuntimeWarning, match="already holds 1 traces"):
+        assert torch.equal(fast_model(x), eager(x))
+    assert len(fast_model._traces) == 1 and fast_model.traced
+
+
+def test_traced_runs_take_large_batches_in_pieces_of_one_size(monkeypatch):
+    """Traced like compiled: pieces of one power-of-two size under the eager bound, so that common batch sizes
+    trace once (the eager copy takes as many images as fit)."""
+    fast_model, eager = int8_pair(small_deit())
+    hidden, patch_pixels, prefix = fast_model._chunk_shape
+    per_image = (64 * 64 // patch_pixels + prefix) * hidden * 4
+    monkeypatch.setattr(fast, "_CHUNK_BYTES", 3 * per_image)
+    x = images(6)
+    assert (fast_model._chunk_size(x), eager._chunk_size(x)) == (2, 3)
+    fast_model(x)
+    assert list(fast_model._traces) == [fast._input_key(x[:2], (), {})]
+
+
 def test_int8_needs_the_cpu():
     model = small_deit().to("meta")
     with pytest.raises(ValueError, match="CPU only"):
@@ -605,16 +773,26 @@ def wide_deit() -> DeiT:
 
 def test_default_on_cpus_with_bf16_and_no_amx_is_int8_for_wide_models(monkeypatch):
     """Without AMX, a DeiT as wide as deit_small or wider runs dynamic int8 linears (VNNI) with its attention
-    in bf16 by default; narrower ones, models that hold no DeiT and CPUs with AMX keep compiled bf16."""
+    in bf16 by default, and on a CPU that halves AVX-512 (Zen 4) a DeiT of any width does; narrower ones
+    elsewhere, a narrow DeiT inside another model (not traced), models that hold no DeiT and CPUs with AMX
+    keep compiled bf16."""
     monkeypatch.setattr(fast, "_cpu_has_native_bf16", lambda: True)  # emulated where the CPU lacks it
     monkeypatch.setattr(torch.backends.quantized, "engine", "x86")
     cpu = torch.device("cpu")
-    for amx, wide_pick in ((False, torch.qint8), (True, torch.bfloat16)):
+    int8, bf16 = torch.qint8, torch.bfloat16
+    for amx, halves, wide_pick, narrow_pick in (
+        (False, False, int8, bf16),
+        (False, True, int8, int8),
+        (True, False, bf16, bf16),
+        (True, True, bf16, bf16),
+    ):
         monkeypatch.setattr(fast, "_cpu_has_amx", lambda amx=amx: amx)
+        monkeypatch.setattr(fast, "_cpu_halves_avx512", lambda halves=halves: halves)
         assert (
             fast.pick_dtype(cpu, wide_deit()) == fast.pick_dtype(cpu, nn.Sequential(wide_deit())) == wide_pick
         )
-        for other in (None, small_deit(), nn.Linear(512, 512)):
+        assert fast.pick_dtype(cpu, small_deit()) == narrow_pick
+        for other in (None, nn.Sequential(small_deit()), nn.Linear(512, 512)):
             assert fast.pick_dtype(cpu, other) == torch.bfloat16
     if "qnnpack" in torch.backends.quantized.supported_engines:
         monkeypatch.setattr(torch.backends.quantized, "engine", "qnnpack")  # no x86 int8 kernels: bf16
@@ -630,7 +808,7 @@ def test_default_on_cpus_with_bf16_and_no_amx_is_int8_for_wide_models(monkeypatc
         monkeypatch.setattr(fast, "_cpu_has_amx", lambda: True)
         amx = fast.optimize_for_inference(model, dtype=torch.qint8)
     for fast_model, fused in ((default, False), (amx, True)):
-        assert fast_model.dtype == torch.qint8 and not fast_model.compiled
+        assert fast_model.dtype == torch.qint8 and not fast_model.compiled and fast_model.traced
         assert len(quantized_linears(fast_model)) == 4 * 2 + 2
         assert {type(b.attn) for b in fast_model.model.blocks} == {fast._AttentionInBf16}
         assert {b.attn.fused_attn for b in fast_model.model.blocks} == {fused}  # explicit without AMX
