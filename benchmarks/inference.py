@@ -14,9 +14,10 @@ outputs are checked to agree). Modes, each a row per variant and batch size:
 * ``exact``: our default fp32 model against timm's fp32 model, both eager.
 * ``bf16``: both models cast to bf16, eager (skipped on CPUs without native bf16).
 * ``fast``: ``deit_registry.fast.optimize_for_inference(model)`` with its defaults (``pick_dtype``: bf16 +
-  compile where the device runs bf16 natively, except deit_small and wider on CPUs without AMX; dynamic int8
-  linears there and on CPUs without native bf16) against ``torch.compile(timm_model)`` in the same dtype, or
-  for int8 in timm's fastest (bf16 where the CPU has it natively, else fp32: timm has no int8 path).
+  compile where the device runs bf16 natively, except deit_small and wider on CPUs without AMX (every DeiT on
+  AMD Zen 4); dynamic int8 linears there and on CPUs without native bf16, a DeiT's traced) against
+  ``torch.compile(timm_model)`` in the same dtype, or for int8 in timm's fastest (bf16 where the CPU has it
+  natively, else fp32: timm has no int8 path).
 * ``fast-fp32``: ``optimize_for_inference(model, dtype=torch.float32)`` against timm compiled in fp32.
 * ``fast-bf16``: ``optimize_for_inference(model, dtype=torch.bfloat16)`` against timm compiled in bf16 (skipped
   on CPUs without native bf16); beside ``fast-int8`` it shows which of the two ``pick_dtype`` should pick.
