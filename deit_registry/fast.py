@@ -344,8 +344,7 @@ class FastInferenceModel(nn.Module):
 
     def _run(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._compiled is None:
-            trace = self._trace_for(x, args, kwargs) if self._traces is not None else None
-            return (trace or self.model)(x, *args, **kwargs)
+            return (self._trace_for(x, args, kwargs) or self.model)(x, *args, **kwargs)
         key = _input_key(x, args, kwargs)
         settings = (
             contextlib.nullcontext()
@@ -379,9 +378,10 @@ class FastInferenceModel(nn.Module):
     def _trace_for(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any | None:
         """The copy's trace for this input, made on its first call; None to run the copy itself: calls with
         extra arguments, while a forward hook is registered (a trace would call it only while tracing), past
-        ``_RECOMPILE_LIMIT`` input shapes (warned), and once tracing has failed for a valid input (warned)."""
+        ``_RECOMPILE_LIMIT`` input shapes (warned), and unless ``traced`` (or once tracing has failed for a valid
+        input, warned)."""
         key = _input_key(x, args, kwargs)
-        if key is None or any(self._hook_tables):
+        if self._traces is None or key is None or any(self._hook_tables):
             return None
         trace = self._traces.get(key)
         if trace is not None:
