@@ -34,7 +34,7 @@ are copied, so later edits to the original model are not seen; each new input sh
 64 traces per fast model; a large CPU batch runs in pieces of a power-of-two size, and a remainder compiles
 or traces a graph of its own; a CUDA graph per shape also keeps its activations' memory). A trace runs the
 copy as it was when traced, so later edits to ``fast.model`` are not seen by it; forward hooks are: while one
-is registered on the copy or globally, calls run the copy's modules (:func:`_forward_hook_tables`).
+is registered on the copy or globally, calls run the copy's modules (``layers._forward_hook_tables``).
 ``compile=False`` never traces.
 
 How, on CPUs with AMX, when compiling in half precision: weight freezing, so the linears run as pre-packed
@@ -50,13 +50,14 @@ the matmul, so the add fuses into the next pointwise kernel, and the patch embed
 (:func:`_tune_for_cpus_without_amx`).
 
 The copy's blocks run an inference-only forward of their own (:class:`InferenceBlock`, the same modules and
-weights): GELU overwrites fc1's output in place (one large buffer fewer per block in eager mode), and when the
-head reads only the class (and distillation) tokens the last block computes attention, projection and MLP
-for those tokens alone (keys and values for all): the same outputs up to rounding, less compute. The copy's
-``forward_features`` therefore returns the prefix tokens only, and forward hooks on the copy's last block see
-those tokens only. Compiled on a CPU with the weights left as graph inputs (all but the frozen AMX graphs),
-each block is a nested compile region (:class:`_InferenceBlockTracedOnce`): Dynamo traces one block and reuses
-it for the others, for a shorter time to the first output (GPUs, not measured with it, trace every block).
+weights): when the head reads only the class (and distillation) tokens the last block computes attention,
+projection and MLP for those tokens alone (keys and values for all): the same outputs up to rounding, less
+compute. The copy's ``forward_features`` therefore returns the prefix tokens only, and forward hooks on the
+copy's last block see those tokens only. Compiled on a CPU with the weights left as graph inputs (all but the
+frozen AMX graphs), each block is a nested compile region (:class:`_InferenceBlockTracedOnce`): Dynamo traces
+one block and reuses it for the others, for a shorter time to the first output (GPUs, not measured with it,
+trace every block). Eagerly (int8 traces included) GELU overwrites fc1's output in place, as in the model
+(``layers._gelu_may_overwrite``).
 
 Where a piece is missing it falls back and says so with a warning: torch without its int8 flow -> float32;
 no C++ compiler (CPU) or Triton (CUDA), a compile that fails, or too many compiled graphs -> eager execution;
@@ -83,6 +84,7 @@ import torch
 from torch import nn
 
 from .architecture import Attention, Block, DeiT
+from .layers import _forward_hook_tables
 
 __all__ = [
     "FastInferenceModel",
@@ -394,7 +396,7 @@ class FastInferenceModel(nn.Module):
                 stacklevel=4,
             )
             return None
-        tables = _forward_hook_tables(self.model)
+        tables = _forward_hook_tables(self.model.modules())
         if tables is None:  # where hooks are kept is unknown (warned): never trace
             self._traces = None
             return None
@@ -447,31 +449,6 @@ def _trace(model: nn.Module, x: torch.Tensor) -> Any:
         raise _Untraceable(
             f"torch.jit.trace failed ({type(err).__name__}: {(str(err) or '?').splitlines()[0]})"
         ) from err
-
-
-def _forward_hook_tables(model: nn.Module) -> tuple[dict[Any, Any], ...] | None:
-    """The tables in which ``model``'s modules and torch's global module hooks keep their forward hooks (one
-    not empty: a hook is registered), or None (with a warning) where torch moved them.
-
-    No public API tells whether a module has hooks; this reads ``nn.Module``'s own tables, in place, so a hook
-    registered later is seen in them."""
-    from torch.nn.modules import module as nn_module
-
-    try:
-        tables = [nn_module._global_forward_pre_hooks, nn_module._global_forward_hooks]
-        for m in model.modules():
-            tables += (m._forward_pre_hooks, m._forward_hooks)
-    except AttributeError:
-        tables = [None]
-    if all(isinstance(t, dict) for t in tables):
-        return tuple(tables)
-    warnings.warn(
-        f"torch {torch.__version__} keeps forward hooks where deit_registry.fast cannot see them; running the "
-        "copy eagerly, so that hooks still run",
-        RuntimeWarning,
-        stacklevel=4,
-    )
-    return None
 
 
 # glibc serves blocks above 32 MiB (its highest mmap threshold) straight from the kernel and returns them on
@@ -537,13 +514,11 @@ def _cast_floats(out: Any, dtype: torch.dtype, copy: bool = False) -> Any:
 
 class InferenceBlock(nn.Module):
     """A :class:`~deit_registry.architecture.Block`'s own modules (same names, same state-dict keys) run for
-    inference only, in the fast copy where no caller can hold an intermediate tensor.
+    inference only, in the fast copy.
 
-    * GELU overwrites fc1's output in place: one ``[B, N, 4D]`` buffer fewer per block in eager mode (compiled
-      graphs fuse it either way).
-    * With ``num_queries`` (the last block of a model whose head reads only the prefix tokens) the block
-      computes queries, projection and MLP for the first ``num_queries`` tokens only; every token is still a
-      key and a value. Output ``[B, num_queries, D]``.
+    With ``num_queries`` (the last block of a model whose head reads only the prefix tokens) the block
+    computes queries, projection and MLP for the first ``num_queries`` tokens only; every token is still a
+    key and a value. Output ``[B, num_queries, D]``.
     """
 
     def __init__(self, block: Block, num_queries: int | None = None) -> None:
@@ -559,13 +534,7 @@ class InferenceBlock(nn.Module):
             x = x[:, : self.num_queries] + self.drop_path1(
                 _leading_queries(self.attn, self.norm1(x), self.num_queries)
             )
-        mlp = self.mlp
-        h = mlp.fc1(self.norm2(x))
-        if type(mlp.act) is nn.GELU and not (torch.is_grad_enabled() and h.requires_grad):
-            h = torch.ops.aten.gelu_(h, approximate=mlp.act.approximate)
-        else:
-            h = mlp.act(h)
-        return x + self.drop_path2(mlp.drop2(mlp.fc2(mlp.drop1(h))))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
     def extra_repr(self) -> str:
         return f"num_queries={self.num_queries}"

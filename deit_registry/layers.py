@@ -7,11 +7,14 @@ symbolic (``torch.export`` with dynamic height and width) never decide a Python 
 program stays valid for every size.
 """
 
-from typing import Final
+import warnings
+from collections.abc import Iterable
+from typing import Any, Final
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as nn_module
 
 IntOrPair = int | tuple[int, int]
 
@@ -161,7 +164,8 @@ class PatchEmbed(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU -> dropout -> fc2 -> dropout."""
+    """fc1 -> GELU -> dropout -> fc2 -> dropout; without autograd GELU overwrites fc1's output in place where
+    nothing else can see it (:func:`_gelu_may_overwrite`), with the same values."""
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
@@ -172,7 +176,63 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        h = self.fc1(x)
+        h = self.act(h) if torch.jit.is_scripting() else self._act(h)
+        return self.drop2(self.fc2(self.drop1(h)))
+
+    @torch.jit.unused
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        """``self.act(h)``, in place where that is safe."""
+        if _gelu_may_overwrite(self, h):
+            return torch.ops.aten.gelu_(h, approximate=self.act.approximate)
+        return self.act(h)
+
+
+# Linear layers return a new tensor: nn.Linear and its subclasses, and the fast copy's dynamic int8 linear
+# (named, not imported: importing torch.ao's quantized modules is slow and warns of their deprecation).
+_INT8_LINEAR_MODULE = "torch.ao.nn.quantized.dynamic.modules.linear"
+
+
+def _gelu_may_overwrite(mlp: Mlp, h: torch.Tensor) -> bool:
+    """Whether ``mlp``'s GELU may overwrite ``h``, its fc1's output, in place: the same values without a second
+    ``[B, N, 4D]`` buffer, which for a large batch glibc takes fresh from the kernel (page faults) on every call.
+
+    Only where nothing else can see or keep ``h``: fc1 a linear layer (a new tensor) and act exactly
+    ``nn.GELU``, without forward hooks on either or globally, and no autograd needing ``h``; never under
+    ``torch.compile`` or ``torch.export`` (inductor reuses buffers itself; the graph stays timm's) or fx tracing.
+    """
+    if torch.compiler.is_compiling() or _is_fx_proxy(h) or type(mlp.act) is not nn.GELU:
+        return False
+    fc1 = mlp.fc1
+    if not (isinstance(fc1, nn.Linear) or type(fc1).__module__ == _INT8_LINEAR_MODULE):
+        return False
+    if torch.is_grad_enabled() and h.requires_grad:
+        return False
+    tables = _forward_hook_tables((fc1, mlp.act))
+    return tables is not None and not any(tables)
+
+
+def _forward_hook_tables(modules: Iterable[nn.Module]) -> tuple[dict[Any, Any], ...] | None:
+    """The tables in which ``modules`` and torch's global module hooks keep their forward hooks and pre-hooks
+    (one not empty: a hook is registered), or None, with a warning, where torch has moved them.
+
+    No public API tells whether a module has hooks; this is the package's one reader of ``nn.Module``'s own
+    tables, read in place, so a hook registered later shows in them."""
+    try:
+        tables = [nn_module._global_forward_pre_hooks, nn_module._global_forward_hooks]
+        for m in modules:
+            tables += (m._forward_pre_hooks, m._forward_hooks)
+    except AttributeError:
+        tables = [None]
+    if all(isinstance(t, dict) for t in tables):
+        return tuple(tables)
+    warnings.warn(
+        f"torch {torch.__version__} keeps forward hooks where deit_registry cannot see them; running as if one "
+        "were registered (GELU no longer overwrites fc1's output, the fast copy runs its modules untraced)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return None
 
 
 class DropPath(nn.Module):

@@ -146,6 +146,68 @@ def test_grad_checkpointing_gives_the_same_gradients() -> None:
         assert (grads[1][key] - grad).abs().max() <= 1e-5 * grad.abs().max(), key
 
 
+def _gelus(model: torch.nn.Module, x: torch.Tensor, grad: bool = False) -> tuple[int, int, torch.Tensor]:
+    """(GELUs in place, GELUs out of place, output) of one forward."""
+    from torch.profiler import profile
+
+    with torch.set_grad_enabled(grad), profile() as prof:
+        out = model(x)
+    names = [e.name for e in prof.events()]
+    return names.count("aten::gelu_"), names.count("aten::gelu"), out
+
+
+class _KeepsOutput(torch.nn.Module):
+    """An fc1 that keeps what it returns (a cache, say): GELU must not overwrite it."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.linear, self.kept = linear, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.kept = self.linear(x)
+        return self.kept
+
+
+def test_gelu_overwrites_fc1_output_only_where_nothing_can_see_it() -> None:
+    """Without autograd, GELU overwrites fc1's output in place (one [B, N, 4D] buffer fewer per block, the same
+    values); never where something else could see or keep that output."""
+    torch.manual_seed(0)
+    model = DeiT(img_size=64, embed_dim=32, depth=3, num_heads=2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    in_place, plain, out = _gelus(model, x)
+    assert (in_place, plain) == (3, 0)
+    assert _gelus(model, x, grad=True)[:2] == (0, 3)  # autograd needs GELU's input
+    assert torch.equal(_gelus(model, x, grad=True)[2], out)
+
+    def check(blocks_in_place: int, setup, teardown=None) -> None:
+        undo = setup()
+        try:
+            in_place, plain, got = _gelus(model, x)
+        finally:
+            (teardown or undo.remove)()
+        assert (in_place, plain) == (blocks_in_place, 3 - blocks_in_place) and torch.equal(got, out)
+
+    saved, seen = [], []
+    check(2, lambda: model.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: saved.append(o)))
+    assert saved[0].min() < -0.2  # fc1's output as it was (GELU >= -0.17)
+    check(2, lambda: model.blocks[1].mlp.act.register_forward_pre_hook(lambda m, i: seen.append(i[0].min())))
+    assert seen[0] < -0.2  # GELU's input, and the hook ran
+    check(0, lambda: torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None))
+    mlp = model.blocks[2].mlp
+    fc1, act = mlp.fc1, mlp.act
+    check(2, lambda: setattr(mlp, "fc1", _KeepsOutput(fc1)), lambda: setattr(mlp, "fc1", fc1))
+    check(
+        2,
+        lambda: setattr(mlp, "act", type("MyGELU", (torch.nn.GELU,), {})()),
+        lambda: setattr(mlp, "act", act),
+    )
+
+    mlp.fc1 = _KeepsOutput(fc1)
+    _gelus(model, x)
+    assert mlp.fc1.kept.min() < -0.2
+    mlp.fc1 = fc1
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_metadata_and_sizes(name: str) -> None:
     params, top1, top5, width, heads, size = EXPECTED[name]

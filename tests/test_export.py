@@ -35,6 +35,22 @@ def test_torch_compile_dynamic_batch_without_recompiling():
             torch.testing.assert_close(compiled(images(3)), model(images(3)), atol=1e-5, rtol=1e-5)
 
 
+def test_dynamo_captures_one_graph_with_gelu_out_of_place():
+    """Under torch.compile the model is one graph (no break at the eager GELU-in-place check) whose GELU is
+    timm's, out of place: inductor plans buffers itself."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    model = tiny()
+    with torch.no_grad():
+        out = torch.compile(model, backend=backend, fullgraph=True)(images(2))
+        torch.testing.assert_close(out, model(images(2)), rtol=0, atol=0)
+    assert len(graphs) == 1 and "gelu(" in graphs[0] and "gelu_" not in graphs[0]
+
+
 @pytest.mark.parametrize("distilled", [False, True], ids=["plain", "distilled"])
 def test_torch_export_dynamic_batch(distilled):
     from torch.export import Dim, export
