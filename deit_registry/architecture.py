@@ -241,8 +241,7 @@ class DeiT(nn.Module):
         kind = self.head_kind if self.head_kind in ("classifier", "distilled") else None
         if num_classes == 0:
             kind = "none"
-        if kind == "distilled" and self.global_pool != "token":
-            kind = "classifier"
+        # A distilled head stays one: _set_head leaves out head_dist unless the pool is "token", as when built.
         device, dtype = self.cls_token.device, self.cls_token.dtype
         self._set_head(kind, num_classes)
         for new in (self.head, self.head_dist):  # match the model: device, dtype, train/eval mode
@@ -418,7 +417,7 @@ class DeiT(nn.Module):
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
-            self.reset_classifier(0)
+            self.reset_classifier(0, "")  # as timm: forward then returns every token
         return take_indices
 
     def get_intermediate_layers(

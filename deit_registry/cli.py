@@ -226,6 +226,8 @@ def _top_classes(probs: torch.Tensor, k: int) -> list[dict[str, Any]]:
 def cmd_predict(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise ValueError(f"--topk must be at least 1; got {args.topk}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1; got {args.batch_size}")
     v = _variant(args.model)
     transform = eval_transform(v)
     images = [load_image(p) for p in args.images]  # a bad path fails before the model is loaded

@@ -204,6 +204,9 @@ def build_deit(variant: str | Variant, pretrained: bool = False, **kwargs: Any) 
             model = DeiT(**model_options)
     if dtype is not None:
         model.to(dtype=dtype)
+    # As timm's factories do: timm.data.resolve_model_data_config and friends read it (the timm door
+    # replaces it with timm's resolved cfg).
+    model.pretrained_cfg = model.default_cfg = variant.pretrained_cfg()
     return model
 
 

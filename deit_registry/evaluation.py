@@ -67,9 +67,14 @@ def folder_labels(class_dirs: list[str], num_classes: int = 1000) -> dict[str, i
             )
         return out
     odd = [d for d in class_dirs if not (_SYNSET.match(d) or d.isdigit())][:3]
+    why = (
+        f"folders such as {odd} are neither ImageNet synset ids nor label indices"
+        if odd
+        else "the folders mix ImageNet synset ids and label indices"
+    )
     raise DatasetError(
-        f"cannot tell the labels of class folders such as {odd}: name every class folder by its ImageNet synset "
-        "id (n01440764, ...) or by its label index (0 to 999)"
+        f"cannot tell the class labels: {why}. Name every class folder by its synset id (n01440764, ...) or "
+        "every one by its label index (0 to 999)"
     )
 
 

@@ -142,12 +142,19 @@ def _width(model: nn.Module) -> int:
 
 
 def _cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 / AMX): the package's one bf16 probe."""
+    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 / AMX): the package's one bf16 probe, on
+    oneDNN's own op (no public API tells); where it is gone, assumed emulated, with a warning."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # the op moved or is missing in this build: assume emulated
+    except (AttributeError, RuntimeError) as err:  # the op moved or is missing in this build
+        warnings.warn(
+            f"torch {torch.__version__} has no oneDNN bf16 probe ({type(err).__name__}); the fast mode assumes "
+            "this CPU has no native bf16 (pass dtype=torch.bfloat16 to optimize_for_inference if it has)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return False
 
 
@@ -295,6 +302,15 @@ class FastInferenceModel(nn.Module):
         # Input key (as for _compiled_inputs) -> the copy's trace for it; None: calls run the copy itself.
         self._traces: dict[tuple[Any, ...], Any] | None = {} if traced and compiled is None else None
         self._hook_tables: tuple[dict[Any, Any], ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and pickling: traces are made again (a copy of one would run the old weights,
+        and traces do not pickle), and the hook tables are read again (a copy of torch's global ones would
+        never see a hook registered later)."""
+        state = self.__dict__.copy()
+        state["_traces"] = None if self._traces is None else {}
+        state["_hook_tables"] = ()
+        return state
 
     @property
     def compiled(self) -> bool:
@@ -495,11 +511,12 @@ def _concat(parts: list[Any], sizes: list[int]) -> Any:
 
 
 def _input_key(x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
-    """What Dynamo guards on for a plain call: shape, strides, inference flag. None for calls with extra
-    arguments, which may need a graph of their own."""
+    """What Dynamo guards on for a plain call: shape, strides, dtype (an integer input must reach the model's
+    input check, not a float trace), inference flag. None for calls with extra arguments, which may need a
+    graph of their own."""
     if args or kwargs:
         return None
-    return (tuple(x.shape), x.stride(), x.is_inference(), x.requires_grad)
+    return (tuple(x.shape), x.stride(), x.dtype, x.is_inference(), x.requires_grad)
 
 
 def _cast_floats(out: Any, dtype: torch.dtype, copy: bool = False) -> Any:
@@ -530,6 +547,8 @@ class InferenceBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.num_queries is None:
             x = x + self.drop_path1(self.attn(self.norm1(x)))
+        elif _attention_hooked(self.attn):  # its hook sees what the model's attention returns: every token
+            x = x[:, : self.num_queries] + self.drop_path1(self.attn(self.norm1(x))[:, : self.num_queries])
         else:
             x = x[:, : self.num_queries] + self.drop_path1(
                 _leading_queries(self.attn, self.norm1(x), self.num_queries)
@@ -538,6 +557,16 @@ class InferenceBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_queries={self.num_queries}"
+
+
+def _attention_hooked(attn: Attention) -> bool:
+    """Whether a forward hook or pre-hook on ``attn`` must see it called as a module, which
+    :func:`_leading_queries` does not do. Global hooks (FlopCounterMode's module tracker, say) still see the
+    layers it calls. Compiled graphs keep the prefix-only path: Dynamo reads hooks itself."""
+    if torch.compiler.is_compiling():
+        return False
+    tables = _forward_hook_tables((attn,))
+    return tables is None or any(tables[2:])  # after the two global tables: attn's own
 
 
 def _leading_queries(attn: Attention, x: torch.Tensor, num_queries: int) -> torch.Tensor:

@@ -33,7 +33,9 @@ def attention_probabilities(attn: Attention, x: torch.Tensor) -> torch.Tensor:
     """softmax(QK^T / sqrt(d)) of ``attn`` for its input ``x`` ``[B, N, D]``: ``[B, heads, N, N]`` (detached)."""
     with torch.no_grad():
         b, n, _ = x.shape
-        qk = F.linear(x, attn.qkv.weight, attn.qkv.bias)[..., : 2 * attn.num_heads * attn.head_dim]
+        weight = attn.qkv.weight  # a method of the fast copy's int8 layers, which only run as a whole
+        qkv = F.linear(x, weight, attn.qkv.bias) if isinstance(weight, torch.Tensor) else attn.qkv(x)
+        qk = qkv[..., : 2 * attn.num_heads * attn.head_dim]
         q, k = qk.reshape(b, n, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 

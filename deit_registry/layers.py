@@ -188,8 +188,9 @@ class Mlp(nn.Module):
         return self.act(h)
 
 
-# Linear layers return a new tensor: nn.Linear and its subclasses, and the fast copy's dynamic int8 linear
-# (named, not imported: importing torch.ao's quantized modules is slow and warns of their deprecation).
+# Linear layers return a new tensor: nn.Linear and its subclasses that keep its forward (a subclass's own
+# forward could keep what it returns), and the fast copy's dynamic int8 linear (named, not imported:
+# importing torch.ao's quantized modules is slow and warns of their deprecation).
 _INT8_LINEAR_MODULE = "torch.ao.nn.quantized.dynamic.modules.linear"
 
 
@@ -197,14 +198,16 @@ def _gelu_may_overwrite(mlp: Mlp, h: torch.Tensor) -> bool:
     """Whether ``mlp``'s GELU may overwrite ``h``, its fc1's output, in place: the same values without a second
     ``[B, N, 4D]`` buffer, which for a large batch glibc takes fresh from the kernel (page faults) on every call.
 
-    Only where nothing else can see or keep ``h``: fc1 a linear layer (a new tensor) and act exactly
+    Only where nothing else can see or keep ``h``: fc1 a linear layer with ``nn.Linear``'s forward (a new
+    tensor) and act exactly
     ``nn.GELU``, without forward hooks on either or globally, and no autograd needing ``h``; never under
     ``torch.compile`` or ``torch.export`` (inductor reuses buffers itself; the graph stays timm's) or fx tracing.
     """
     if torch.compiler.is_compiling() or _is_fx_proxy(h) or type(mlp.act) is not nn.GELU:
         return False
     fc1 = mlp.fc1
-    if not (isinstance(fc1, nn.Linear) or type(fc1).__module__ == _INT8_LINEAR_MODULE):
+    linear = isinstance(fc1, nn.Linear) and type(fc1).forward is nn.Linear.forward
+    if not (linear or type(fc1).__module__ == _INT8_LINEAR_MODULE):
         return False
     if torch.is_grad_enabled() and h.requires_grad:
         return False
@@ -213,8 +216,9 @@ def _gelu_may_overwrite(mlp: Mlp, h: torch.Tensor) -> bool:
 
 
 def _forward_hook_tables(modules: Iterable[nn.Module]) -> tuple[dict[Any, Any], ...] | None:
-    """The tables in which ``modules`` and torch's global module hooks keep their forward hooks and pre-hooks
-    (one not empty: a hook is registered), or None, with a warning, where torch has moved them.
+    """The tables in which torch's global module hooks and then each of ``modules`` keep their forward
+    pre-hooks and hooks (one not empty: a hook is registered), or None, with a warning, where torch has moved
+    them.
 
     No public API tells whether a module has hooks; this is the package's one reader of ``nn.Module``'s own
     tables, read in place, so a hook registered later shows in them."""

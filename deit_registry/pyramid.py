@@ -61,7 +61,8 @@ class FeaturePyramid(nn.Module):
     Args:
         backbone: a :class:`~deit_registry.architecture.DeiT`; build it with ``dynamic_img_size=True`` to
             take any input size (multiples of 32 keep every level exact).
-        indices: the four blocks read, shallow to deep (default :func:`default_pyramid_indices`).
+        indices: the block each level reads, stride 4 to 32 (default :func:`default_pyramid_indices`); a
+            block may feed several levels.
         out_chans: project every level to this many channels (1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d);
             ``None`` keeps ViTDet's widths ``D/4, D/2, D, D``.
         norm: apply the backbone's final norm to each map first.
@@ -129,7 +130,13 @@ class FeaturePyramid(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # forward_intermediates returns each block once, shallow to deep (timm's convention); a block may feed
+        # several levels (ViTDet's simple pyramid reads the last one four times).
+        taken = sorted(set(self.indices))
         maps = self.backbone.forward_intermediates(
-            x, self.indices, norm=self.norm, stop_early=True, output_fmt="NCHW", intermediates_only=True
+            x, taken, norm=self.norm, stop_early=True, output_fmt="NCHW", intermediates_only=True
         )
-        return [proj(stage(m)) for m, stage, proj in zip(maps, self.stages, self.projections)]
+        by_block = dict(zip(taken, maps))
+        return [
+            proj(stage(by_block[i])) for i, stage, proj in zip(self.indices, self.stages, self.projections)
+        ]

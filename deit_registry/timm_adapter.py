@@ -47,34 +47,10 @@ from .registry import load_entry_points
 from .variants import PRETRAINED_TAG, VARIANTS, Variant, get_variant
 from .weights.netlimits import cache_dir_scope
 
-ORIGIN_URL = "https://github.com/facebookresearch/deit"
-
 
 def timm_pretrained_cfg(variant: Variant | str) -> PretrainedCfg:
-    """The ``timm.models.PretrainedCfg`` of a variant, from :mod:`deit_registry.variants` (the official crop
-    0.875, bicubic, the official URL and timm's copy on the Hugging Face Hub)."""
-    v = get_variant(variant)
-    w = v.weights
-    return PretrainedCfg(
-        url=w.url,
-        hf_hub_id=w.hf_hub_id,
-        hf_hub_filename=w.hf_hub_filename,
-        input_size=w.input_size,
-        fixed_input_size=True,
-        interpolation=w.interpolation,
-        crop_pct=w.crop_pct,
-        crop_mode=w.crop_mode,
-        mean=w.mean,
-        std=w.std,
-        num_classes=w.num_classes,
-        first_conv="patch_embed.proj",
-        classifier=("head", "head_dist") if v.arch.distilled else "head",
-        license=w.license,
-        description=f"{v.name}: ImageNet-1k top-1 {w.top1}, top-5 {w.top5} (official weights)",
-        origin_url=ORIGIN_URL,
-        paper_name=v.paper,
-        paper_ids="arXiv:2012.12877",
-    )
+    """The ``timm.models.PretrainedCfg`` of a variant (:meth:`~deit_registry.variants.Variant.pretrained_cfg`)."""
+    return PretrainedCfg(**get_variant(variant).pretrained_cfg())
 
 
 # Read by timm's register_model for the entries below (name -> DefaultCfg, tag fb_in1k).

@@ -118,6 +118,34 @@ class Variant:
     def default_head(self) -> str:
         return "distilled" if self.arch.distilled else "classifier"
 
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's ``pretrained_cfg`` fields of the published weights (the official crop 0.875, bicubic, the
+        official URL and timm's copy on the Hub), as the plain dict every model of this variant carries::
+
+            timm.data.resolve_model_data_config(dr.create_model("deit_base_patch16_384"))["input_size"]
+        """
+        w = self.weights
+        return dict(
+            url=w.url,
+            hf_hub_id=w.hf_hub_id,
+            hf_hub_filename=w.hf_hub_filename,
+            input_size=w.input_size,
+            fixed_input_size=True,
+            interpolation=w.interpolation,
+            crop_pct=w.crop_pct,
+            crop_mode=w.crop_mode,
+            mean=w.mean,
+            std=w.std,
+            num_classes=w.num_classes,
+            first_conv="patch_embed.proj",
+            classifier=("head", "head_dist") if self.arch.distilled else "head",
+            license=w.license,
+            description=f"{self.name}: ImageNet-1k top-1 {w.top1}, top-5 {w.top5} (official weights)",
+            origin_url="https://github.com/facebookresearch/deit",
+            paper_name=self.paper,
+            paper_ids="arXiv:2012.12877",
+        )
+
 
 @cache
 def imagenet_class_names() -> tuple[str, ...]:

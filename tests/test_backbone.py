@@ -131,6 +131,7 @@ def test_prune_intermediate_layers(x):
         after = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
         for a, b in zip(before, after, strict=True):
             torch.testing.assert_close(a, b)
+        assert model.global_pool == "" and model(x).shape == model.forward_features(x).shape  # timm: tokens
 
 
 def test_feature_info_lists_every_block():
@@ -327,6 +328,22 @@ def test_pyramid_levels_resample_the_block_maps():
     assert levels[0].shape[-2:] == (32, 32) and levels[1].shape[-2:] == (16, 16)
     torch.testing.assert_close(levels[2], maps[2])  # the block map itself
     torch.testing.assert_close(levels[3], F.max_pool2d(maps[3], 2))
+
+
+@pytest.mark.parametrize("indices", [[3, 3, 3, 3], [1, 1, 2, 3], [3, 2, 1, 0]])
+def test_pyramid_levels_follow_their_indices_repeated_or_in_any_order(indices):
+    """Each level reads the block it names (ViTDet's simple pyramid reads the last block four times), though
+    forward_intermediates returns each block once, in block order."""
+    pyramid = FeaturePyramid(tiny(dynamic_img_size=True), indices=indices).eval()
+    reference = tiny()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        levels = pyramid(x)
+        reference.set_input_size(64)
+        maps = reference.forward_intermediates(x, indices=[0, 1, 2, 3], intermediates_only=True)
+        assert len(levels) == 4
+        for level, i, stage in zip(levels, indices, pyramid.stages):
+            torch.testing.assert_close(level, stage(maps[i]))
 
 
 class TinyUNet(nn.Module):

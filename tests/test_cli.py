@@ -373,8 +373,10 @@ def test_validate_on_synthetic_imagefolder(
 def test_folder_labels() -> None:
     assert folder_labels(["n01440764", "n15075141"]) == {"n01440764": 0, "n15075141": 999}
     assert folder_labels(["0", "17", "999"]) == {"0": 0, "17": 17, "999": 999}
-    with pytest.raises(DatasetError, match="label index"):
+    with pytest.raises(DatasetError, match=r"folders such as \['cats', 'dogs'\] are neither .* label index"):
         folder_labels(["cats", "dogs"])
+    with pytest.raises(DatasetError, match="the folders mix ImageNet synset ids and label indices"):
+        folder_labels(["n01440764", "17"])
     with pytest.raises(DatasetError, match="outside"):
         folder_labels(["1000"])
 
@@ -400,6 +402,10 @@ def test_errors_are_one_actionable_line(env: dict[str, str], workdir: Path, imag
     assert f"cannot read {broken} as an image" in fails("predict", TINY, str(broken))
     (workdir / "empty").mkdir()
     assert "no class folders" in fails("validate", TINY, "--data", str(workdir / "empty"))
+    for n in ("0", "-1"):  # never a silent run that predicts nothing
+        assert f"--batch-size must be at least 1; got {n}" in fails(
+            "predict", TINY, str(images[0]), "--batch-size", n
+        )
     assert "HTTP 404" in fails("download", "deit_small_patch16_224")  # the server has no such file
 
     # offline with nothing cached: names the file and the way out

@@ -1,5 +1,6 @@
 """Core: the architecture against timm for all eight variants, the metadata table, heads, bad input."""
 
+import copy
 import re
 from pathlib import Path
 
@@ -168,6 +169,19 @@ class _KeepsOutput(torch.nn.Module):
         return self.kept
 
 
+class _Identity(torch.nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+
+class _LinearKeepsOutput(torch.nn.Linear):
+    """The same, as a subclass of nn.Linear with a forward of its own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.kept = super().forward(x)
+        return self.kept
+
+
 def test_gelu_overwrites_fc1_output_only_where_nothing_can_see_it() -> None:
     """Without autograd, GELU overwrites fc1's output in place (one [B, N, 4D] buffer fewer per block, the same
     values); never where something else could see or keep that output."""
@@ -202,9 +216,19 @@ def test_gelu_overwrites_fc1_output_only_where_nothing_can_see_it() -> None:
         lambda: setattr(mlp, "act", act),
     )
 
-    mlp.fc1 = _KeepsOutput(fc1)
-    _gelus(model, x)
-    assert mlp.fc1.kept.min() < -0.2
+    subclass = _LinearKeepsOutput(fc1.in_features, fc1.out_features)
+    subclass.load_state_dict(fc1.state_dict())
+    check(2, lambda: setattr(mlp, "fc1", subclass), lambda: setattr(mlp, "fc1", fc1))
+    torch.nn.utils.parametrize.register_parametrization(subclass, "weight", _Identity())
+    check(2, lambda: setattr(mlp, "fc1", subclass), lambda: setattr(mlp, "fc1", fc1))
+    parametrized = copy.deepcopy(fc1)  # parametrize makes a subclass with nn.Linear's forward: still in place
+    torch.nn.utils.parametrize.register_parametrization(parametrized, "weight", _Identity())
+    check(3, lambda: setattr(mlp, "fc1", parametrized), lambda: setattr(mlp, "fc1", fc1))
+
+    for keeps in (_KeepsOutput(fc1), subclass):
+        mlp.fc1 = keeps
+        _gelus(model, x)
+        assert keeps.kept.min() < -0.2
     mlp.fc1 = fc1
 
 
@@ -434,6 +458,12 @@ def test_reset_classifier_same_semantics_plain_and_distilled() -> None:
         assert model(torch.randn(1, 3, 224, 224)).shape == (1, 32)
         model.reset_classifier(6, global_pool="avg")
         assert model.head_dist is None and model(torch.randn(1, 3, 224, 224)).shape == (1, 6)
+        model.reset_classifier(7, global_pool="avg")
+        model.reset_classifier(7, global_pool="token")  # back to the class token: the distilled pair again
+        assert (model.head_dist is not None) == distilled and model(torch.randn(1, 3, 224, 224)).shape == (
+            1,
+            7,
+        )
 
 
 # ----------------------------------------------------------------------------------------- bad input

@@ -677,6 +677,64 @@ def test_traced_calls_run_eagerly_while_a_forward_hook_is_registered():
     assert len(fast_model._traces) == 1
 
 
+def test_copies_and_pickles_of_a_traced_model_trace_again_and_see_global_hooks(tmp_path):
+    """A copy made after the first call must not keep a private copy of torch's global hook table (it would
+    never see a hook registered later) nor the traces; torch.save of it works too."""
+    fast_model, eager = int8_pair(small_deit())
+    x = images(2)
+    fast_model(x)
+    clone = copy.deepcopy(fast_model)
+    assert clone.traced and not clone._traces and torch.equal(clone(x), eager(x))
+    seen = []
+    hook = nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+    try:
+        clone(x)
+        torch.save(fast_model, tmp_path / "fast.pt")  # torch's global hook table (a lambda in it) stays out
+    finally:
+        hook.remove()
+    assert "InferenceBlock" in seen and "Linear" in seen  # the modules ran, not the trace
+    loaded = torch.load(tmp_path / "fast.pt", weights_only=False)  # our own file
+    assert torch.equal(loaded(x), eager(x))
+
+
+def test_an_integer_input_after_a_float_trace_is_the_models_error():
+    fast_model, _ = int8_pair(small_deit())
+    fast_model(images(1))
+    with pytest.raises(ValueError, match="expects a float image tensor"):
+        fast_model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.qint8])  # eager fp32, traced int8
+def test_hooks_on_the_last_blocks_attention_run_and_see_every_token(dtype):
+    """The last block computes its attention for the prefix tokens only, by calling the layer's parts: while a
+    hook is on that attention layer, the layer runs as a whole, so the hook (and attention_maps) sees it."""
+    from deit_registry.inspection import attention_maps
+
+    model = small_deit()
+    fast_model = fast.optimize_for_inference(
+        model, dtype=dtype, compile=None if dtype is torch.qint8 else False
+    )
+    x = images(2)
+    plain = fast_model(x)
+    seen = []
+    attn = fast_model.model.blocks[-1].attn
+    hook = attn.register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+    try:
+        hooked = fast_model(x)
+    finally:
+        hook.remove()
+    assert seen == [(2, 16 + 2, 96)]
+    torch.testing.assert_close(hooked, plain, atol=0.05 if dtype is torch.qint8 else 1e-5, rtol=0)
+    with attention_maps(fast_model.model) as rec:
+        fast_model(x)
+        maps = rec.maps
+    with attention_maps(model) as rec, torch.no_grad():
+        model(x)
+        want = rec.maps
+    assert [m.shape for m in maps] == [m.shape for m in want] == [(2, 3, 18, 18)] * 2
+    torch.testing.assert_close(maps[0], want[0], atol=0.02 if dtype is torch.qint8 else 1e-5, rtol=0)
+
+
 def _failing_trace(*args, **kwargs):
     raise RuntimeError("Tracer cannot infer type of output\nmore")
 
@@ -928,6 +986,16 @@ def test_bf16_probe_follows_onednn(monkeypatch):
     monkeypatch.setattr(fast, "_cpu_has_native_bf16", lambda: True)
     assert fast.pick_dtype(torch.device("cpu")) == torch.bfloat16
     assert fast.pick_dtype(torch.device("meta")) == torch.float32
+
+
+def test_bf16_probe_gone_is_loud(monkeypatch):
+    """The probe is oneDNN's non-public op: on this torch it answers; if a release drops it, the fast mode
+    assumes emulated bf16 and says so."""
+    assert isinstance(torch.ops.mkldnn._is_mkldnn_bf16_supported(), bool)
+    if torch.backends.mkldnn.is_available():
+        monkeypatch.setattr(torch.ops, "mkldnn", object())  # no such op any more
+        with pytest.warns(RuntimeWarning, match="no oneDNN bf16 probe"):
+            assert not fast._cpu_has_native_bf16()
 
 
 def test_compiler_internals_are_found_and_their_loss_is_loud():

@@ -129,12 +129,14 @@ def test_features_only_gives_stride_16_nchw_maps() -> None:
 def test_data_config_is_the_official_evaluation_transform(name: str, resize: int, crop: int) -> None:
     with torch.device("meta"):
         m = timm.create_model(name)
+        ours = deit_registry.create_model(name)  # every door's model carries the cfg, as timm's do
     cfg = timm.data.resolve_data_config(model=m)
     assert (
         cfg["interpolation"] == "bicubic"
         and cfg["crop_pct"] == 0.875
         and cfg["input_size"] == (3, crop, crop)
     )
+    assert timm.data.resolve_model_data_config(ours) == timm.data.resolve_model_data_config(m)
     t = timm.data.create_transform(**cfg)
     resize_t, crop_t = t.transforms[0], t.transforms[1]
     assert resize_t.size == resize and str(resize_t.interpolation.value) == "bicubic"

@@ -32,6 +32,7 @@ from deit_registry.errors import (
     CacheNotWritableError,
     CheckpointNotFoundError,
     DownloadError,
+    HashMismatchError,
     InvalidSourceError,
     OfflineError,
 )
@@ -321,6 +322,36 @@ def test_2_an_official_file_failing_its_name_hash_is_replaced(env, server, monke
         assert _equal(_load(), models["ref"])
 
 
+def test_2_a_name_ending_in_a_number_is_no_hash(env, server, pth, models):
+    """Step numbers and dates look like hex; only a prefix with a letter a-f is taken for a sha256 prefix."""
+    for path in ("/runs/checkpoint-00000100.pth", "/runs/deit-20240131.pth"):
+        url = server.add(path, Route(pth["ref"]))
+        assert _equal(_load(url), models["ref"])
+        assert cache_path(url).parent.name != "checkpoints"  # a folder of its own: nothing pins its content
+    digest = hashlib.sha256(pth["other"]).hexdigest()[:8]
+    assert cache_path(server.root + f"/x/deit-{digest}.pth").parent.name == "checkpoints"
+    wrong = server.add("/x/deit-00000abc.pth", Route(pth["ref"]))  # a letter: checked, and it fails
+    with pytest.raises(HashMismatchError, match="does not match the 00000abc in its name"):
+        _load(wrong)
+
+
+def test_2_offline_advice_for_a_url_that_is_not_cached(env, server, monkeypatch, pth, models):
+    """Offline, a file copied into the cache by hand is used only if its name carries its hash: the advice says
+    so, and following it works."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plain = server.add("/p/model.pth", Route(pth["ref"]))
+    with pytest.raises(OfflineError) as e:
+        _load(plain)
+    assert "pass weights=PATH" in str(e.value) and "copy it to" not in str(e.value)
+    hashed = server.add(f"/p/deit-{hashlib.sha256(pth['ref']).hexdigest()[:8]}.pth", Route(pth["ref"]))
+    with pytest.raises(OfflineError, match="copy it to (.*) or pass weights=PATH") as e:
+        _load(hashed)
+    target = Path(e.value.args[0].split("copy it to ")[1].split(" or pass")[0])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(pth["ref"])
+    assert _equal(_load(hashed), models["ref"]) and server.gets.get(f"/p/{target.name}", 0) == 0
+
+
 # --------------------------------------------------------------------------- 3. nothing corrupt is ever cached
 def test_3_body_cut_short_without_content_length_is_not_cached(env, server, pth, models):
     url = server.add(
@@ -349,6 +380,17 @@ def test_3_an_html_page_from_the_hub_is_not_kept_in_its_cache(env, server, st, m
         _load(f"hf-hub:{HUB_REPO}")
     assert [f for f in _files(env / "hf") if "/blobs/" in f or f.endswith("model.safetensors")] == []
     server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    assert _equal(_load(f"hf-hub:{HUB_REPO}"), models["ref"])
+
+
+def test_3_an_html_config_from_the_hub_is_not_kept_in_its_cache(env, server, st, models):
+    """The Hub keeps a file per commit: a bad config.json left in its cache would fail that commit for good."""
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "config.json", b"<html><body>mirror error</body></html>")
+    with pytest.raises(DownloadError, match="config.json .* not a JSON object"):
+        _load(f"hf-hub:{HUB_REPO}")
+    assert [f for f in _files(env / "hf") if f.endswith("config.json")] == []
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "config.json", b'{"architecture": "deit_tiny_patch16_224"}')
     assert _equal(_load(f"hf-hub:{HUB_REPO}"), models["ref"])
 
 
@@ -511,8 +553,10 @@ def test_5_chunked_body_cut_short_is_a_download_error(env, server, pth):
 
 
 def test_5_hub_id_with_too_many_parts_names_the_form(env):
-    with pytest.raises(InvalidSourceError, match=r"hf-hub:owner/repo\[@revision\]"):
-        _load("hf-hub:a/b/c")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the one error, no housekeeping warning before it
+        with pytest.raises(InvalidSourceError, match=r"hf-hub:owner/repo\[@revision\]"):
+            _load("hf-hub:a/b/c")
 
 
 def test_5_url_with_no_file_name(env, server):

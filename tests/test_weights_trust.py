@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import builtins
 import copy
+import json
 import math
 import os
 import pickle
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ from weights_server import Route, WeightsServer
 import deit_registry as dr
 from deit_registry import weights
 from deit_registry.errors import (
+    CheckpointMismatchError,
     CheckpointNotReadableError,
     CorruptCheckpointError,
     UnsafeCheckpointError,
@@ -125,6 +128,65 @@ def test_safetensors_reader_matches_the_library_and_rejects_bad_ranges(tmp_path,
         bad.write_bytes(data[:cut])
         with pytest.raises(CorruptCheckpointError, match="damaged or truncated"):
             formats.read_checkpoint(bad)
+    # a header claiming petabytes (or more than int64 can count) is refused before anything is allocated
+    for shape in ([1 << 40, 1 << 40], [1 << 62, 1 << 62, 4]):
+        header = json.dumps({"cls_token": {"dtype": "F32", "shape": shape, "data_offsets": [0, 4]}}).encode()
+        huge = tmp_path / "huge.safetensors"
+        huge.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+        with pytest.raises(CorruptCheckpointError, match="needs .* bytes, offsets say 4"):
+            formats.read_checkpoint(huge)
+
+
+def test_new_model_never_shares_memory_with_the_callers_tensors_or_between_keys(tmp_path, reference):
+    """A state dict passed in is often another model's parameters, and a checkpoint may tie two keys to one
+    tensor: the new model copies those (as load_state_dict does), so training it changes nothing else."""
+    teacher = copy.deepcopy(reference)
+    student = dr.create_model(TINY, pretrained=True, weights=teacher.state_dict(), **SMALL).eval()
+    ptrs = {p.untyped_storage().data_ptr() for p in teacher.parameters()}
+    assert not any(p.untyped_storage().data_ptr() in ptrs for p in student.parameters())
+    before = _snapshot(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    assert _unchanged(teacher, before)
+
+    torch.manual_seed(2)
+    distilled = dr.create_model("deit_tiny_distilled_patch16_224", **SMALL)
+    sd = distilled.state_dict()
+    sd["head_dist.weight"], sd["head_dist.bias"] = sd["head.weight"], sd["head.bias"]  # tied, saved once
+    torch.save(sd, tmp_path / "tied.pth")
+    model = dr.create_model(
+        "deit_tiny_distilled_patch16_224", pretrained=True, weights=tmp_path / "tied.pth", **SMALL
+    )
+    assert torch.equal(model.head_dist.weight, model.head.weight)
+    assert model.head_dist.weight.data_ptr() != model.head.weight.data_ptr()
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    assert torch.equal(model.head_dist.weight, sd["head.weight"])
+
+
+def test_values_beyond_float16_are_refused_not_loaded_as_infinities(reference):
+    model = copy.deepcopy(reference).half()
+    sd = dict(reference.state_dict())
+    sd["head.bias"] = sd["head.bias"].clone()
+    sd["head.bias"][0] = 1e6  # finite in fp32, infinite in fp16
+    before = _snapshot(model)
+    with pytest.raises(CheckpointMismatchError, match="head.bias hold values beyond .* torch.float16"):
+        weights.load_checkpoint(model, sd)
+    assert _unchanged(model, before)
+
+
+def test_a_checkpoint_without_a_classifier_says_the_head_is_not_loaded(reference, other):
+    headless = {k: v for k, v in reference.state_dict().items() if not k.startswith("head.")}
+    with pytest.warns(UserWarning, match=r"has no classifier, so the model's \(head: 1000 classes\) keeps"):
+        dr.create_model(TINY, pretrained=True, weights=headless, **SMALL)
+    model = copy.deepcopy(other)
+    with pytest.warns(UserWarning, match="has no classifier"):
+        weights.load_checkpoint(model, headless)
+    assert torch.equal(model.head.weight, other.head.weight)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, reference.blocks[0].attn.qkv.weight)
+    features = dr.create_model(TINY, pretrained=True, weights=headless, num_classes=0, **SMALL)  # no warning
+    assert features.num_classes == 0
 
 
 # ------------------------------------------------------------------------------ item 6: all or nothing
@@ -169,7 +231,6 @@ def test_bad_state_dict_leaves_model_bit_identical(reference, other, case):
 
 @pytest.mark.parametrize("eps", ["1e-6", -1e-6, 0, float("nan"), float("inf"), True, None, [1e-6], 2.0])
 def test_bad_layer_norm_eps_is_refused_before_anything_changes(tmp_path, reference, other, eps):
-    import json
 
     from safetensors.torch import save_file
 
@@ -192,7 +253,6 @@ def test_bad_layer_norm_eps_is_refused_before_anything_changes(tmp_path, referen
 
 
 def test_good_layer_norm_eps_and_fp16_weights_still_load(tmp_path, reference, x):
-    import json
 
     from safetensors.torch import save_file
 
@@ -378,6 +438,16 @@ def test_ema_requested_but_absent_lists_the_keys(tmp_path, other):
     msg = str(info.value)
     for word in ("model_ema", "state_dict_ema", "epoch", "optimizer", "state_dict", "ema=True"):
         assert word in msg, (word, msg)
+
+
+def test_ema_and_wrapped_weights_beside_metadata_load(tmp_path, reference, other, x):
+    """A step count or version kept inside the EMA (or model) dict is metadata, not a reason to refuse it."""
+    path = tmp_path / "ema_meta.pth"
+    ema = {**reference.state_dict(), "num_updates": 1200}
+    torch.save({"model": {**other.state_dict(), "version": 2}, "model_ema": ema}, path)
+    for use_ema, want in ((True, reference), (False, other)):
+        model = dr.create_model(TINY, pretrained=True, weights=str(path), ema=use_ema, **SMALL).eval()
+        assert torch.equal(model(x), want(x))
 
 
 # ------------------------------------------------------------------------------ one of each

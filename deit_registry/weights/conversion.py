@@ -127,7 +127,7 @@ def check_tensors(state_dict: Mapping[str, Any], file: str | Path) -> None:
             why = f"{t.layout} tensors: save them with .to_dense()"
         elif not t.is_floating_point():
             why = f"{t.dtype} tensors where the model has floating-point weights"
-        elif not _all_finite(t):
+        elif not all_finite(t):
             why = "NaN or infinite values (a diverged training run or a damaged file)"
         else:
             continue
@@ -140,7 +140,7 @@ def check_tensors(state_dict: Mapping[str, Any], file: str | Path) -> None:
         )
 
 
-def _all_finite(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor) -> bool:
     """Whether ``t`` has no NaN or infinity. A sum is one fast pass with no temporary tensor and is finite
     exactly when every value is (unless it overflows): only a non-finite sum pays for the exact check."""
     if t.numel() == 0 or bool(torch.isfinite(t.sum())):
@@ -291,7 +291,14 @@ def _fit_heads(
         return {"mask_token"} & set(model_head) - set(sd)
     for k in ckpt_head:
         del sd[k]
-    if ckpt_head:
+    if not ckpt_head:  # a backbone-only checkpoint: the model's classifier stays random, which must be said
+        heads = _describe_heads({k: v for k, v in model_head.items() if k != "mask_token"})
+        warnings.warn(
+            f"{Path(file).name} has no classifier, so the model's ({heads}) keeps the weights it had (random in a "
+            "new model): fine-tune it, or create the model with num_classes=0 for features",
+            stacklevel=4,
+        )
+    else:
         warnings.warn(
             f"{Path(file).name}: dropped the checkpoint's classifier ({_describe_heads(ckpt_head)}) because it does "
             f"not fit the model's ({_describe_heads(model_head)}); "

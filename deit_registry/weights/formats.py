@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
@@ -222,12 +223,12 @@ def _read_range(f: Any, name: str, info: Any, base: int, size: int, bad: Any) ->
         raise bad(f"entry {name!r} has no valid dtype/shape/data_offsets ({e})") from e
     if any(d < 0 for d in shape):
         raise bad(f"entry {name!r} has a negative dimension {shape}")
-    tensor = torch.empty(shape, dtype=dtype, device="cpu")  # explicit: callers may hold a device context
-    nbytes = tensor.numel() * tensor.element_size()
+    nbytes = math.prod(shape) * dtype.itemsize  # checked before allocating: a header can claim petabytes
     if not 0 <= start <= end or end - start != nbytes:
         raise bad(f"entry {name!r}: {shape} {info['dtype']} needs {nbytes} bytes, offsets say {end - start}")
     if base + end > size:
         raise bad(f"entry {name!r} ends at byte {base + end} of a {size}-byte file")
+    tensor = torch.empty(shape, dtype=dtype, device="cpu")  # explicit: callers may hold a device context
     if nbytes:
         f.seek(base + start)
         view = memoryview(_bytes_of(tensor))
@@ -325,6 +326,11 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
+def _holds_tensors(obj: Any) -> bool:
+    """A wrapped or EMA state dict: tensors, maybe beside metadata (a step count, a version), dropped below."""
+    return isinstance(obj, dict) and any(isinstance(v, torch.Tensor) for v in obj.values())
+
+
 def unwrap(raw: Any, file: Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The flat state dict inside ``raw`` (``model``/``state_dict`` wrappers removed; with ``ema`` the first of
     :data:`EMA_KEYS` present)."""
@@ -334,7 +340,7 @@ def unwrap(raw: Any, file: Path, ema: bool = False) -> tuple[dict[str, torch.Ten
         )
     extra: list[str] = []
     if ema:
-        key = next((k for k in EMA_KEYS if _is_state_dict(raw.get(k))), None)
+        key = next((k for k in EMA_KEYS if _holds_tensors(raw.get(k))), None)
         if key is None:
             raise CorruptCheckpointError(
                 f"{file} has no EMA weights (looked for {', '.join(EMA_KEYS)}; top-level keys: "
@@ -344,7 +350,7 @@ def unwrap(raw: Any, file: Path, ema: bool = False) -> tuple[dict[str, torch.Ten
         raw = raw[key]
     elif not _is_state_dict(raw):
         for key in WRAPPER_KEYS:
-            if _is_state_dict(raw.get(key)):
+            if _holds_tensors(raw.get(key)):
                 extra = [k for k in raw if k != key]
                 raw = raw[key]
                 break

@@ -12,6 +12,7 @@ mirrors, tokens, offline mode, locks and etags), with what it lacks added around
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
 import sys
@@ -212,7 +213,7 @@ def fetch(
         raise DownloadError(
             f"fetching {filename} of {where} from {host} failed: {type(e).__name__}: {e}. {FIXES}"
         ) from e
-    if filename.endswith((".safetensors", ".bin", ".pth")):
+    if filename.endswith((".safetensors", ".bin", ".pth", ".json")):
         _check_or_evict(path, filename, where)
     return path
 
@@ -227,25 +228,31 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 
 def _check_or_evict(path: Path, filename: str, where: str) -> None:
-    """huggingface_hub checks only the size of what it stores: make sure it is a whole checkpoint (not, say, a
-    mirror's HTML page), else remove that revision with its public cache API and raise."""
+    """huggingface_hub checks only the size of what it stores: make sure it is a whole checkpoint or a JSON
+    object (not, say, a mirror's HTML page), else remove that revision with its public cache API and raise:
+    the Hub keeps a file per commit, so a bad copy left there would fail every later load of that commit."""
     from huggingface_hub import scan_cache_dir
 
     from .urlfetch import validate_download
 
     try:
-        validate_download(path, filename, where)
+        if filename.endswith(".json"):
+            if not isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
+                raise ValueError("not a JSON object")
+        else:
+            validate_download(path, filename, where)
         return
-    except Exception as e:  # _Transient (truncated) or DownloadError (not a checkpoint)
+    except Exception as e:  # _Transient (truncated), DownloadError (not a checkpoint), bad JSON
         problem = e
     try:
         cache = scan_cache_dir(cache_dir())
         cache.delete_revisions(path.parent.name).execute()
     except Exception as e:  # the error below still tells the user what to delete
         problem = DownloadError(f"{problem}; removing it from the Hugging Face cache failed too ({e})")
+    what = "a JSON object" if filename.endswith(".json") else "a whole checkpoint"
     raise DownloadError(
-        f"the Hub ({endpoint()}) served {filename} of {where} but it is not a whole checkpoint ({problem}); it "
-        f"was removed from the Hugging Face cache. Try again, or check HF_ENDPOINT"
+        f"{filename} of {where} from the Hub ({endpoint()}) is not {what} ({problem}); it was removed from the "
+        f"Hugging Face cache. Try again (online), or check HF_ENDPOINT"
     ) from None
 
 
@@ -257,6 +264,8 @@ def clean_partials(repo: str) -> None:
     them, so this one function relies on that documented cache layout: a partial is removed only if its lock
     can be taken at once (no live download holds it). Any surprise (another layout) skips with a warning.
     """
+    from huggingface_hub.errors import HFValidationError
+
     try:
         from filelock import FileLock, Timeout
         from huggingface_hub import constants
@@ -271,6 +280,8 @@ def clean_partials(repo: str) -> None:
                     partial.unlink(missing_ok=True)
             except Timeout:  # a live download holds it
                 continue
+    except HFValidationError:  # not a repository id: the download that follows says so
+        return
     except Exception as e:  # never let housekeeping break a download
         import warnings
 

@@ -101,15 +101,13 @@ def load_pretrained(
     state_dict, fresh = _adapt_and_validate(
         state_dict, skeleton, file, config, convert_distillation, variant.name
     )
-    expected = skeleton.state_dict()
-    # Copies only where dtype or device differ; tensors read from a file are already owned by this process.
-    state_dict = {k: v.to(device="cpu", dtype=expected[k].dtype) for k, v in state_dict.items()}
+    state_dict = _cast(state_dict, skeleton.state_dict(), file, "cpu")
     if fresh or _has_real_tensors(skeleton):
         # Dropped heads (or a user-supplied head module) need real, initialised parameters: build normally.
         model = DeiT(**opts)
         model.load_state_dict(state_dict, strict=False)
     else:
-        skeleton.load_state_dict(state_dict, strict=True, assign=True)
+        skeleton.load_state_dict(_own_memory(state_dict, source), strict=True, assign=True)
         model = skeleton
     return model
 
@@ -135,6 +133,42 @@ def _adapt_and_validate(
     )
     conversion.validate(state_dict, expected, fresh, file, name)
     return state_dict, fresh
+
+
+def _cast(
+    state_dict: dict[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    file: str,
+    device: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Each tensor in the model's dtype, on ``device`` (else the model's); copies only where they differ, so
+    tensors read from a file stay the ones this process owns. Values finite in the file that overflow the
+    model's dtype (fp32 weights beyond float16's range) are refused, not loaded as infinities."""
+    out = {
+        k: v.to(device=device or expected[k].device, dtype=expected[k].dtype) for k, v in state_dict.items()
+    }
+    overflow = [k for k, v in out.items() if v.dtype != state_dict[k].dtype and not conversion.all_finite(v)]
+    if overflow:
+        raise CheckpointMismatchError(
+            f"{file}: {', '.join(overflow[:3])} hold values beyond the range of the model's "
+            f"{out[overflow[0]].dtype}; load into a float32 (or bfloat16) model, then cast it"
+        )
+    return out
+
+
+def _own_memory(state_dict: dict[str, torch.Tensor], source: Source) -> dict[str, torch.Tensor]:
+    """``state_dict`` with every tensor in memory of its own, for a new model to take as its parameters:
+    a tensor of the caller's state dict (often another model's parameters) or one sharing memory with an
+    earlier key (tied in the checkpoint) is copied, as ``load_state_dict`` without ``assign`` would."""
+    taken = set()
+    if isinstance(source, Mapping):
+        taken = {t.untyped_storage().data_ptr() for t in source.values() if isinstance(t, torch.Tensor)}
+    out = {}
+    for key, t in state_dict.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[key] = t.clone() if ptr in taken else t
+        taken.add(ptr)
+    return out
 
 
 def _has_real_tensors(model: nn.Module) -> bool:
@@ -167,9 +201,8 @@ def load_checkpoint(
     state_dict, file, config = _read(source, None, progress, ema)
     eps = _config_eps(config, file)  # a bad config value fails here, before anything changes
     state_dict, fresh = _adapt_and_validate(state_dict, model, file, config, convert_distillation)
-    expected = model.state_dict()
     # Cast first: every conversion that could fail happens before the first parameter changes.
-    state_dict = {k: v.to(device=expected[k].device, dtype=expected[k].dtype) for k, v in state_dict.items()}
+    state_dict = _cast(state_dict, model.state_dict(), file)
     with torch.no_grad():
         model.load_state_dict(state_dict, strict=False)
     if eps is not None:

@@ -45,7 +45,9 @@ from ..errors import (
 from . import netlimits
 from .netlimits import FIXES, Deadline
 
-HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,64})\.[A-Za-z0-9]+$")
+# torch.hub's convention, name-<sha256 prefix>.ext; with a letter a-f in it, since names often end in a step
+# or a date (checkpoint-00000100.pth, deit-20240131.pth) that no download could match.
+HASH_IN_NAME = re.compile(r"-((?=[0-9]*[a-f])[a-f0-9]{8,64})\.[A-Za-z0-9]+$")
 RECORD_SUFFIX = ".deit-registry.json"
 PARTIAL_INFIX = ".deit-"  # our partial files: <file>.deit-<random>.partial
 STALE_FOREIGN_PARTIAL_S = 3600.0  # torch.hub's <file>.<uuid>.partial: only removed once surely abandoned
@@ -98,10 +100,11 @@ def fetch_url(
     if _valid_hit(dst, url, hash_prefix, repair=False):
         return dst
     if is_offline():
+        # Only a name's hash vouches for a file copied into the cache by hand (_valid_hit); others need a path.
+        copy = f"copy it to {dst} or " if hash_prefix else ""
         raise OfflineError(
             f"offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE) and {dst.name} is not cached in "
-            f"{dst.parent}. Unset offline mode, or download it elsewhere from {url} and copy it to {dst} (or "
-            f"pass weights=PATH)"
+            f"{dst.parent}. Unset offline mode, or download it elsewhere from {url} and {copy}pass weights=PATH"
         )
     deadline = Deadline(netlimits.download_timeout())
     netlimits.ensure_writable(dst.parent)
