@@ -199,9 +199,9 @@ def _gelu_may_overwrite(mlp: Mlp, h: torch.Tensor) -> bool:
     ``[B, N, 4D]`` buffer, which for a large batch glibc takes fresh from the kernel (page faults) on every call.
 
     Only where nothing else can see or keep ``h``: fc1 a linear layer with ``nn.Linear``'s forward (a new
-    tensor) and act exactly
-    ``nn.GELU``, without forward hooks on either or globally, and no autograd needing ``h``; never under
-    ``torch.compile`` or ``torch.export`` (inductor reuses buffers itself; the graph stays timm's) or fx tracing.
+    tensor) and act exactly ``nn.GELU``, without forward hooks on either or globally, and no autograd needing
+    ``h``; never under ``torch.compile`` or ``torch.export`` (inductor reuses buffers itself; the graph stays
+    timm's) or fx tracing.
     """
     if torch.compiler.is_compiling() or _is_fx_proxy(h) or type(mlp.act) is not nn.GELU:
         return False
