@@ -25,6 +25,12 @@ class ModelImportError(DeiTRegistryError, ImportError):
     """A model published through an entry point could not be imported."""
 
 
+class TimmRegistrationError(DeiTRegistryError, RuntimeError):
+    """timm is missing or did not take our models, so ``timm.create_model("deit_*")`` would build timm's own
+    classes. Raised by ``register_with_timm()``, by ``deit-registry run``, and, where
+    ``DEIT_REGISTRY_REQUIRE_TIMM=1``, by ``import timm`` itself instead of a warning."""
+
+
 class WeightsError(DeiTRegistryError):
     """Base class of every error raised while finding, downloading, reading or loading weights
     (:mod:`deit_registry.weights`). Each message names the file or source, what was wrong and what to do."""

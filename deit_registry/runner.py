@@ -1,8 +1,9 @@
 """Run an unmodified script (timm's ``train.py``, ``validate.py``, ``benchmark.py``...) with the DeiT models active.
 
 timm's scripts never import a plugin, so ``timm.create_model("deit_tiny_patch16_224")`` in them builds timm's own
-class. :func:`run` imports timm, registers our eight models with it and then runs the script as ``__main__`` in
-this interpreter, as ``python SCRIPT ARGS...`` (or ``python -m MODULE ARGS...``) would::
+class. :func:`run` runs the script as ``__main__`` in this interpreter, as ``python SCRIPT ARGS...`` (or
+``python -m MODULE ARGS...``) would, with our eight models registered in timm from the moment the script, or
+any process it starts, imports timm::
 
     deit-registry run validate.py --model deit_tiny_patch16_224 --data-dir /data/imagenet
     python -m deit_registry run -m my_pkg.train --model deit_small_patch16_224
@@ -15,49 +16,37 @@ or from Python::
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import runpy
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
-from .errors import DeiTRegistryError
+from . import timm_hook
+from .errors import TimmRegistrationError
+
+# Holds a sitecustomize.py that imports deit_registry: first on PYTHONPATH, it runs at the start of every Python
+# process the script starts (multiprocessing's spawn and forkserver, torchrun's workers, subprocess), which
+# would otherwise re-import the script without us. Python offers no other start-up hook that needs no write
+# into site-packages; opentelemetry-instrument and ddtrace-run do the same.
+STARTUP_DIR = Path(__file__).resolve().parent / "run_startup"
 
 
-class TimmRegistrationError(DeiTRegistryError, RuntimeError):
-    """timm is missing or refused our models: the script would silently build timm's own DeiT classes."""
-
-
-def activate_timm() -> list[str]:
-    """Import timm and register the eight DeiT models with it; return their names.
-
-    Raises :class:`TimmRegistrationError` if timm is not installed or registration fails.
-    """
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
-        import timm  # noqa: F401
-    except ImportError as e:
-        raise TimmRegistrationError(
-            f"timm is not installed ({e}); install it (pip install timm) to run timm scripts with DeiT models"
-        ) from e
-    from .timm_adapter import register_with_timm
-
-    try:
-        names = list(register_with_timm())
-    except Exception as e:
-        raise TimmRegistrationError(
-            f"registering the DeiT models with timm failed: {type(e).__name__}: {e}"
-        ) from e
-    # Trust but verify through timm's public lookup: a registration that did not take would leave timm's own
-    # DeiT in place and the script would run with it without a word.
-    from timm.models import model_entrypoint
-
-    stale = [n for n in names if not getattr(model_entrypoint(n), "__module__", "").startswith(__package__)]
-    if stale:
-        raise TimmRegistrationError(
-            f"timm.create_model still resolves {', '.join(stale)} to another package's code after registration; "
-            f"report this with your timm version (import timm; timm.__version__)"
-        )
-    return names
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def exit_status(code: object) -> int:
@@ -75,24 +64,33 @@ def run(target: str, args: Sequence[str] = (), module: bool = False) -> int:
 
     ``sys.argv`` is ``[target, *args]`` and the script's folder (the current folder for a module) comes first
     on ``sys.path``, as with ``python``. Returns the exit status: the script's ``SystemExit`` code, 0 when it
-    ends normally, 1 (after printing the traceback) when it raises. ``sys.argv`` and ``sys.path`` are restored
-    afterwards. Raises :class:`TimmRegistrationError` before running anything if the models cannot be
-    registered, and ``FileNotFoundError`` for a missing script.
+    ends normally, 1 (after printing the traceback) when it raises. ``sys.argv``, ``sys.path`` and the
+    environment are restored afterwards. Raises :class:`TimmRegistrationError` if the models cannot be
+    registered: before the script runs if timm is missing, else from the script's own ``import timm``. Raises
+    ``FileNotFoundError`` for a missing script.
     """
     if not module and not os.path.exists(target):
         raise FileNotFoundError(f"can't open file {target!r}: no such file")
-    activate_timm()
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [target, *args]
     sys.path.insert(0, os.getcwd() if module else os.path.dirname(os.path.abspath(target)))
+    pythonpath = os.pathsep.join(filter(None, [str(STARTUP_DIR), os.environ.get("PYTHONPATH")]))
     try:
-        if module:
-            runpy.run_module(target, run_name="__main__", alter_sys=True)
-        else:
-            runpy.run_path(target, run_name="__main__")
+        with _environment(**{timm_hook.REQUIRE_ENV: "1", "PYTHONPATH": pythonpath}):
+            # timm is looked up, not imported: the script imports it itself, so a timm folder beside it (a
+            # pytorch-image-models checkout) and settings it makes first (TIMM_FUSED_ATTN) count, as under python
+            if importlib.util.find_spec("timm") is None:
+                raise TimmRegistrationError(
+                    "timm is not installed; install it (pip install timm) to run timm scripts with DeiT models"
+                )
+            timm_hook.install()  # registers now if timm.models is imported (raising on failure), else on import
+            if module:
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(target, run_name="__main__")
     except SystemExit as e:
         return exit_status(e.code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TimmRegistrationError):
         raise
     except Exception:
         traceback.print_exc()  # what python prints for an uncaught exception
@@ -101,3 +99,6 @@ def run(target: str, args: Sequence[str] = (), module: bool = False) -> int:
         sys.argv = saved_argv
         sys.path[:] = saved_path
     return 0
+
+
+__all__ = ["TimmRegistrationError", "exit_status", "run"]

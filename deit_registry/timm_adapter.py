@@ -43,6 +43,7 @@ from torch import nn
 
 from .architecture import Attention, PatchEmbed
 from .deit import CONSTRUCTORS, build_deit
+from .errors import TimmRegistrationError
 from .registry import load_entry_points
 from .variants import PRETRAINED_TAG, VARIANTS, Variant, get_variant
 from .weights.netlimits import cache_dir_scope
@@ -164,13 +165,22 @@ def register_with_timm() -> list[str]:
     """Make ``timm.create_model`` build our eight models (idempotent; timm's ``deit3_*`` are left alone).
 
     Runs by itself once ``deit_registry`` and timm are both imported; call it by hand only when a warning says
-    so. Returns the names registered.
+    so. Returns the names registered; raises :class:`~deit_registry.errors.TimmRegistrationError` if timm's
+    lookup still gives other code for one of them afterwards.
     """
     if not is_registered():
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_OVERWRITE_WARNING, category=UserWarning)
             for fn in ENTRIES.values():
                 register_model(fn)
+    # Trust but verify through timm's public lookup: a registration that did not take would leave timm's own
+    # DeiT in place, and every script would run with it without a word.
+    stale = [n for n, fn in ENTRIES.items() if model_entrypoint(n) is not fn]
+    if stale:
+        raise TimmRegistrationError(
+            f"timm.create_model still resolves {', '.join(stale)} to other code after registering ours; report "
+            "this with your timm version (import timm; timm.__version__)"
+        )
     # timm's fx feature extraction keeps the patch embedding whole, as it does for its own PatchEmbed
     register_notrace_module(PatchEmbed)  # in timm.models since timm 1.0, also in timm.layers later
     return list(ENTRIES)

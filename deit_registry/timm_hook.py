@@ -10,19 +10,30 @@ Looking timm up without importing it (``importlib.util.find_spec("timm")``, as t
     timm.create_model("deit_small_patch16_224")   # deit_registry.DeiT
 
 A failure to register never passes silently: it is a ``RuntimeWarning`` naming the fix,
-``deit_registry.register_with_timm()``. This module imports only the standard library.
+``deit_registry.register_with_timm()``, or, where ``DEIT_REGISTRY_REQUIRE_TIMM=1`` (``deit-registry run`` sets
+it for the script and the processes it starts), a :class:`~deit_registry.errors.TimmRegistrationError` from the
+import itself. This module imports only the standard library.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import warnings
 from types import ModuleType
 from typing import Any
 
+from .errors import TimmRegistrationError
+
 TARGET = "timm.models"  # the registry and the public register_model live here; timm's __init__ imports it
 FIX = "call deit_registry.register_with_timm() once timm is imported"
+REQUIRE_ENV = "DEIT_REGISTRY_REQUIRE_TIMM"  # "1": a failure to register raises instead of warning
+
+
+def required() -> bool:
+    """Whether a failure to register raises (``DEIT_REGISTRY_REQUIRE_TIMM=1``) rather than warns."""
+    return os.environ.get(REQUIRE_ENV) == "1"
 
 
 def _register() -> bool:
@@ -30,7 +41,14 @@ def _register() -> bool:
         from .timm_adapter import register_with_timm
 
         register_with_timm()
-    except Exception as exc:  # never break the user's `import timm` because of us, but say so
+    except Exception as exc:
+        if required():  # deit-registry run: the script must not go on with timm's own DeiT
+            if isinstance(exc, TimmRegistrationError):
+                raise
+            raise TimmRegistrationError(
+                f"registering the DeiT models with timm failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        # otherwise never break the user's `import timm` because of us, but say so
         warnings.warn(
             f"deit_registry could not register its models with timm ({exc!r}): timm.create_model('deit_*') "
             f"builds timm's own classes. To see the full error, {FIX}",
