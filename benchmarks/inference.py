@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -86,6 +87,16 @@ def cpu_features() -> str:
     """Which of :data:`CPU_FEATURES` this CPU has, e.g. ``"AVX2 yes, AVX-512 no, ..."``."""
     flags = set(_cpuinfo().get("flags", "").split())
     return ", ".join(f"{name} {'yes' if flag in flags else 'no'}" for flag, name in CPU_FEATURES.items())
+
+
+# Environment variables that cap the instruction set of torch's own kernels, inductor's code, oneDNN and
+# FBGEMM: all four set to AVX2 run a CPU with AVX-512 as one without it.
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS")
+
+
+def isa_caps() -> str:
+    """The :data:`ISA_CAPS` set in the environment, e.g. ``"ONEDNN_MAX_CPU_ISA=AVX2"``; empty if none."""
+    return ", ".join(f"{k}={os.environ[k]}" for k in ISA_CAPS if os.environ.get(k))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -322,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"# {datetime.date.today()}  torch {torch.__version__}  {where}  threads={torch.get_num_threads()}")
     print(f"# CPU features: {cpu_features()}")
+    if isa_caps():
+        print(f"# kernels capped by the environment: {isa_caps()} (the features above are the CPU's)")
     skipped = []
     # mode -> why it cannot run here (None: said in `skipped` already)
     unavailable: dict[str, str | None] = {}

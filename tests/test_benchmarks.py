@@ -87,6 +87,16 @@ def test_inference_benchmark_skips_the_cuda_only_modes_on_cpu(capsys):
     assert not [line for line in out.splitlines() if line.startswith("deit_tiny_patch16_224")]
 
 
+def test_inference_benchmark_names_the_instruction_set_caps_it_runs_under(monkeypatch):
+    inference = load_script("inference")
+    for name in inference.ISA_CAPS:
+        monkeypatch.delenv(name, raising=False)
+    assert inference.isa_caps() == ""
+    monkeypatch.setenv("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert inference.isa_caps() == "ONEDNN_MAX_CPU_ISA=AVX2, FBGEMM_ENABLE_INSTRUCTIONS=AVX2"
+
+
 def test_inference_benchmark_warms_the_compiler_up_before_any_row(capsys, monkeypatch):
     """torch's layers are compiled once before the first row, so neither model's ``ready`` time pays the
     compiler's one-time start-up (ours would: it compiles first in every row)."""
