@@ -156,9 +156,14 @@ _OVERWRITE_WARNING = (
 )
 
 
+def _not_ours() -> list[str]:
+    """The eight names for which timm's public lookup gives other code than ours."""
+    return [n for n, fn in ENTRIES.items() if model_entrypoint(n) is not fn]
+
+
 def is_registered() -> bool:
     """Whether ``timm.create_model`` builds our model under each of the eight names."""
-    return all(model_entrypoint(n) is fn for n, fn in ENTRIES.items())
+    return not _not_ours()
 
 
 def register_with_timm() -> list[str]:
@@ -168,19 +173,19 @@ def register_with_timm() -> list[str]:
     so. Returns the names registered; raises :class:`~deit_registry.errors.TimmRegistrationError` if timm's
     lookup still gives other code for one of them afterwards.
     """
-    if not is_registered():
+    if _not_ours():
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_OVERWRITE_WARNING, category=UserWarning)
             for fn in ENTRIES.values():
                 register_model(fn)
-    # Trust but verify through timm's public lookup: a registration that did not take would leave timm's own
-    # DeiT in place, and every script would run with it without a word.
-    stale = [n for n, fn in ENTRIES.items() if model_entrypoint(n) is not fn]
-    if stale:
-        raise TimmRegistrationError(
-            f"timm.create_model still resolves {', '.join(stale)} to other code after registering ours; report "
-            "this with your timm version (import timm; timm.__version__)"
-        )
+        # Trust but verify: a registration that did not take would leave timm's own DeiT in place, and every
+        # script would run with it without a word.
+        stale = _not_ours()
+        if stale:
+            raise TimmRegistrationError(
+                f"timm.create_model still resolves {', '.join(stale)} to other code after registering ours; "
+                "report this with your timm version (import timm; timm.__version__)"
+            )
     # timm's fx feature extraction keeps the patch embedding whole, as it does for its own PatchEmbed
     register_notrace_module(PatchEmbed)  # in timm.models since timm 1.0, also in timm.layers later
     return list(ENTRIES)

@@ -1,9 +1,9 @@
 """Start-up hook of ``deit-registry run`` (see ``deit_registry.runner.STARTUP_DIR``): never imported by hand.
 
 ``run`` puts this folder first on ``PYTHONPATH``, so ``site`` runs this file at the start of every Python
-process the script starts. It registers the DeiT models with timm as in the parent, then runs the
-``sitecustomize`` this file shadows (a distribution's or a virtual environment's), which ``site`` would
-otherwise have run.
+process the script starts. It runs the ``sitecustomize`` this file shadows (a distribution's or a virtual
+environment's), which ``site`` would otherwise have run, then imports ``deit_registry``, which registers the
+DeiT models with timm as in the parent.
 """
 
 import importlib.machinery
