@@ -352,6 +352,90 @@ def test_2_offline_advice_for_a_url_that_is_not_cached(env, server, monkeypatch,
     assert _equal(_load(hashed), models["ref"]) and server.gets.get(f"/p/{target.name}", 0) == 0
 
 
+def _hub_blob(env: Path) -> Path:
+    """The blob the Hub cache's snapshot entry of the tiny variant's weights links to."""
+    (entry,) = (env / "hf" / "hub").glob(f"models--timm--{TINY}.fb_in1k/snapshots/*/model.safetensors")
+    return entry.resolve()
+
+
+def _damage(blob: Path, how: str, st: dict[str, bytes]) -> None:
+    assert len(st["other"]) == len(st["ref"])
+    blob.write_bytes(st["other"] if how == "swapped" else st["ref"][: len(st["ref"]) // 2])
+
+
+@pytest.mark.parametrize("source", [None, f"hf-hub:{HUB_REPO}"])
+@pytest.mark.parametrize("how", ["swapped", "truncated"])
+def test_2_a_damaged_hub_cache_hit_is_replaced(env, server, monkeypatch, st, pth, models, source, how):
+    """huggingface_hub checks a file only when it downloads it; its cache names each weights blob after its
+    sha256, so every hit is checked against that name, as URL cache hits are against their records. A swap to
+    other valid weights of the same size is caught, not only a truncation."""
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    official = _official(monkeypatch, server, pth["other"])
+    _load(source)
+    assert _hub_blob(env).name == hashlib.sha256(st["ref"]).hexdigest()  # the layout the check relies on
+    _damage(_hub_blob(env), how, st)
+    with pytest.warns(UserWarning, match="not the file the Hub sent .* downloaded again") as record:
+        assert _equal(_load(source), models["ref"])
+    assert not any("official" in str(w.message) for w in record)  # repaired in place, no fallback
+    assert server.gets[_hub_path()] == 2 and server.gets[official] == 0
+    assert _hub_blob(env).read_bytes() == st["ref"] and _partials(env) == []
+
+
+def test_2_hub_blobs_not_named_by_sha256_are_loaded_unchecked(env, server, st, models):
+    """A mirror's own etags (no sha256) name its blobs: nothing to check them against, and no false alarm."""
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    for path, route in list(server.routes.items()):
+        server.routes[path] = dataclasses.replace(route, headers={**route.headers, "ETag": '"5f3a-1c2d"'})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _equal(_load(f"hf-hub:{HUB_REPO}"), models["ref"])
+        assert _hub_blob(env).name == "5f3a-1c2d"
+        assert _equal(_load(f"hf-hub:{HUB_REPO}"), models["ref"])
+
+
+@pytest.mark.parametrize("how", ["swapped", "truncated"])
+def test_2_a_damaged_hub_cache_offline_is_named_never_loaded(env, server, monkeypatch, st, pth, models, how):
+    """Offline, the default order and an explicit ``hf-hub:`` id treat a damaged Hub copy alike: it is not
+    loaded, the error says it is damaged and how to fix it; torch.hub's copy, where there is one, is used."""
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    _load()
+    blob = _hub_blob(env)
+    _damage(blob, how, st)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for source in (None, f"hf-hub:{HUB_REPO}"):
+        with pytest.raises(OfflineError, match="is damaged") as e:
+            _load(source)
+        assert str(blob.parent.parent.parent) in str(e.value) or "model.safetensors" in str(e.value)
+        assert "Unset offline mode" in str(e.value) and "weights=PATH" in str(e.value)
+    _official(monkeypatch, server, pth["other"])
+    checkpoints = env / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / VARIANTS[TINY].weights.file_name).write_bytes(pth["other"])
+    with pytest.warns(UserWarning, match="is damaged.*torch.hub"):
+        assert _equal(_load(), models["other"])
+    with pytest.raises(OfflineError, match="is damaged"):  # an explicit id is never rerouted
+        _load(f"hf-hub:{HUB_REPO}")
+    assert sum(server.gets.values()) == 1  # nothing was requested offline
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.warns(UserWarning, match="downloaded again"):
+        assert _equal(_load(), models["ref"])
+
+
+def test_2_a_damaged_hub_cache_with_the_hub_unreachable(env, server, monkeypatch, st, pth, models, caplog):
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    _load()
+    _damage(_hub_blob(env), "swapped", st)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
+    with pytest.raises(DownloadError, match="cannot connect to the Hub .* is damaged"):
+        _load(f"hf-hub:{HUB_REPO}")
+    _official(monkeypatch, server, pth["other"])
+    with caplog.at_level(logging.INFO, logger="deit_registry.weights.sources"):
+        assert _equal(_load(), models["other"])  # the default order falls back, as for any unreachable Hub
+    assert "is damaged" in caplog.text
+
+
 # --------------------------------------------------------------------------- 3. nothing corrupt is ever cached
 def test_3_body_cut_short_without_content_length_is_not_cached(env, server, pth, models):
     url = server.add(

@@ -14,10 +14,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import socket
 import sys
 import time
 import urllib.parse
+import warnings
 from pathlib import Path
 
 from ..errors import (
@@ -32,6 +34,7 @@ from . import netlimits
 from .netlimits import FIXES, Deadline
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 _reachable: dict[str, tuple[float, bool]] = {}  # endpoint -> (checked at, reachable), kept 30 s
 
@@ -138,10 +141,12 @@ def fetch(
     offline = is_offline()
     if not offline and not reachable(deadline.left()):
         cached = cached_file(repo, filename, revision)
-        if cached is not None:
+        problem = damage(cached, filename, where) if cached is not None else None
+        if cached is not None and problem is None:
             return cached
+        state = "it is not cached" if cached is None else f"its cached copy {cached} is damaged ({problem})"
         raise DownloadError(
-            f"cannot connect to the Hub at {host} to fetch {filename} of {where}, and it is not cached. {FIXES}"
+            f"cannot connect to the Hub at {host} to fetch {filename} of {where}, and {state}. {FIXES}"
         )
 
     if not offline:
@@ -180,42 +185,72 @@ def fetch(
             f"(DEIT_REGISTRY_DOWNLOAD_TIMEOUT); the Hub is stalled or unreachable. {FIXES}"
         )
 
-    try:
-        path = Path(netlimits.run_with_deadline(call, max(0.0, deadline.left()), timed_out))
-    except WeightsError:
-        raise
-    except HFValidationError as e:
-        raise InvalidSourceError(
-            f"{where!r} is not a Hub id: expected the form 'hf-hub:owner/repo[@revision]', e.g. "
-            f"'hf-hub:timm/deit_tiny_patch16_224.fb_in1k' ({e})"
-        ) from e
-    except LocalEntryNotFoundError as e:  # offline, or the Hub could not be reached, and not cached
-        if offline:
-            raise OfflineError(
-                f"offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE) and {filename} of {where} is not in the "
-                f"Hugging Face cache. Unset offline mode once to download it, or pass weights=PATH"
+    def fetch_once() -> Path | None:
+        try:
+            return Path(netlimits.run_with_deadline(call, max(0.0, deadline.left()), timed_out))
+        except WeightsError:
+            raise
+        except HFValidationError as e:
+            raise InvalidSourceError(
+                f"{where!r} is not a Hub id: expected the form 'hf-hub:owner/repo[@revision]', e.g. "
+                f"'hf-hub:timm/deit_tiny_patch16_224.fb_in1k' ({e})"
             ) from e
-        raise DownloadError(
-            f"could not reach the Hub at {host} for {filename} of {where}: {e}. {FIXES}"
-        ) from e
-    except EntryNotFoundError as e:
-        if missing_ok:
-            return None
-        raise CheckpointNotFoundError(f"{where} has no file {filename}") from e
-    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise CheckpointNotFoundError(
-            f"{where}: {type(e).__name__}: the repository or revision does not exist (or needs a token: "
-            f"`hf auth login` or HF_TOKEN). Check the id, e.g. 'hf-hub:timm/deit_tiny_patch16_224.fb_in1k'"
-        ) from e
-    except PermissionError as e:
-        raise netlimits.not_writable(cache_dir() or "the Hugging Face cache (HF_HOME)", e) from e
-    except (HfHubHTTPError, OSError, *_transport_errors()) as e:
-        raise DownloadError(
-            f"fetching {filename} of {where} from {host} failed: {type(e).__name__}: {e}. {FIXES}"
-        ) from e
-    if filename.endswith((".safetensors", ".bin", ".pth", ".json")):
-        _check_or_evict(path, filename, where)
-    return path
+        except LocalEntryNotFoundError as e:  # offline, or the Hub could not be reached, and not cached
+            if offline:
+                raise OfflineError(
+                    f"offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE) and {filename} of {where} is not in the "
+                    f"Hugging Face cache. Unset offline mode once to download it, or pass weights=PATH"
+                ) from e
+            raise DownloadError(
+                f"could not reach the Hub at {host} for {filename} of {where}: {e}. {FIXES}"
+            ) from e
+        except EntryNotFoundError as e:
+            if missing_ok:
+                return None
+            raise CheckpointNotFoundError(f"{where} has no file {filename}") from e
+        except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+            raise CheckpointNotFoundError(
+                f"{where}: {type(e).__name__}: the repository or revision does not exist (or needs a token: "
+                f"`hf auth login` or HF_TOKEN). Check the id, e.g. 'hf-hub:timm/deit_tiny_patch16_224.fb_in1k'"
+            ) from e
+        except PermissionError as e:
+            raise netlimits.not_writable(cache_dir() or "the Hugging Face cache (HF_HOME)", e) from e
+        except (HfHubHTTPError, OSError, *_transport_errors()) as e:
+            raise DownloadError(
+                f"fetching {filename} of {where} from {host} failed: {type(e).__name__}: {e}. {FIXES}"
+            ) from e
+
+    hit = cached_file(repo, filename, revision)
+    path = fetch_once()
+    problem = damage(path, filename, where) if path is not None else None
+    if problem is None:
+        return path
+    if offline:  # nothing can replace it here: it stays, and the error says what is wrong
+        raise OfflineError(
+            f"offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE) and the cached {filename} of {where} ({path}) "
+            f"is damaged ({problem}). Unset offline mode once to download it again, or pass weights=PATH"
+        )
+    evicted = _evict(path)
+    if path == hit and evicted is None:  # a damaged hit, now removed: once more, from the Hub
+        warnings.warn(
+            f"the cached {path} is not the file the Hub sent ({problem}); it was removed and downloaded again "
+            f"from {host}",
+            stacklevel=3,
+        )
+        clean_partials(repo)
+        path = fetch_once()
+        problem = damage(path, filename, where) if path is not None else None
+        if problem is None:
+            return path
+        evicted = _evict(path)
+    what = "a JSON object" if filename.endswith(".json") else "a whole checkpoint"
+    removed = (
+        "it was removed from the Hugging Face cache" if evicted is None else f"removing it failed ({evicted})"
+    )
+    raise DownloadError(
+        f"{filename} of {where} from the Hub ({endpoint()}) is not {what} ({problem}); {removed}. Try again "
+        f"(online), or check HF_ENDPOINT"
+    )
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -227,33 +262,58 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(e for e in errors if isinstance(e, type) and issubclass(e, Exception))
 
 
-def _check_or_evict(path: Path, filename: str, where: str) -> None:
-    """huggingface_hub checks only the size of what it stores: make sure it is a whole checkpoint or a JSON
-    object (not, say, a mirror's HTML page), else remove that revision with its public cache API and raise:
-    the Hub keeps a file per commit, so a bad copy left there would fail every later load of that commit."""
-    from huggingface_hub import scan_cache_dir
+def damage(path: Path, filename: str, where: str) -> str | None:
+    """Why the cached ``path`` is not the file the Hub sent, or None.
 
-    from .urlfetch import validate_download
+    huggingface_hub checks a file's size when it downloads it and nothing after. Its cache keeps each file as
+    ``blobs/<etag>``, linked from the snapshot, and the etag of a weights (LFS) file is its sha256 (its
+    documented layout; huggingface_hub compares the two itself for ``local_dir``), so a hit is checked against
+    that name, as URL cache hits are against their records. Checked too: a whole checkpoint (not a truncated
+    file or a mirror's HTML page), a JSON object for ``.json``.
+    """
+    from .urlfetch import sha256_of, validate_download
 
     try:
         if filename.endswith(".json"):
             if not isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
-                raise ValueError("not a JSON object")
-        else:
+                return "not a JSON object"
+        elif filename.endswith((".safetensors", ".bin", ".pth")):
             validate_download(path, filename, where)
-        return
     except Exception as e:  # _Transient (truncated), DownloadError (not a checkpoint), bad JSON
-        problem = e
+        return str(e)
+    expected = _blob_sha256(path)
+    if expected is not None and sha256_of(path) != expected:
+        return f"its sha256 differs from {expected[:12]}..., the one huggingface_hub named its blob after"
+    return None
+
+
+def _blob_sha256(path: Path) -> str | None:
+    """The sha256 that ``path``'s blob is named after; None where the snapshot holds a copy instead of a link
+    (no symlinks, e.g. Windows: huggingface_hub warns itself) or the etag is no sha256 (a non-LFS file, a
+    mirror's own etags). A link elsewhere than ``blobs/`` means the layout changed: warned, not checked."""
+    if not path.is_symlink():
+        return None
+    blob = path.resolve()
+    if blob.parent.name != "blobs":
+        warnings.warn(
+            f"{path} links to {blob}, not into the Hugging Face cache's blobs/ folder: its content is not checked "
+            f"against the Hub's hash (deit_registry does not know this huggingface_hub cache layout)",
+            stacklevel=4,
+        )
+        return None
+    return blob.name if _SHA256.fullmatch(blob.name) else None
+
+
+def _evict(path: Path) -> str | None:
+    """Remove the cached revision holding ``path`` with huggingface_hub's public cache API (the Hub keeps a
+    file per commit: a bad copy left there would fail every later load of that commit); the error, or None."""
+    from huggingface_hub import scan_cache_dir
+
     try:
-        cache = scan_cache_dir(cache_dir())
-        cache.delete_revisions(path.parent.name).execute()
-    except Exception as e:  # the error below still tells the user what to delete
-        problem = DownloadError(f"{problem}; removing it from the Hugging Face cache failed too ({e})")
-    what = "a JSON object" if filename.endswith(".json") else "a whole checkpoint"
-    raise DownloadError(
-        f"{filename} of {where} from the Hub ({endpoint()}) is not {what} ({problem}); it was removed from the "
-        f"Hugging Face cache. Try again (online), or check HF_ENDPOINT"
-    ) from None
+        scan_cache_dir(cache_dir()).delete_revisions(path.parent.name).execute()
+    except Exception as e:  # the caller's error still names the file
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def clean_partials(repo: str) -> None:

@@ -127,19 +127,23 @@ def default_weights(variant: Variant, progress: bool = True) -> Path:
     repo = hub_repo(variant)
     if not hubfetch.available():  # torch alone: the official file, as torch.hub always did
         return fetch_url(url, hash_prefix=variant.weights.sha256_prefix, progress=progress, shared=True)
-    if is_offline():
-        found = hubfetch.cached_file(repo, variant.weights.hf_hub_filename)
-        if found is not None:
-            return found
+    if is_offline():  # the Hub cache as an explicit hf-hub: id sees it, then torch.hub's
         try:
-            return fetch_url(url, hash_prefix=variant.weights.sha256_prefix, progress=progress, shared=True)
-        except OfflineError as e:
-            raise OfflineError(
-                f"offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE) and the weights of {variant.name} are "
-                f"in neither the Hugging Face cache (hf-hub:{repo}) nor torch.hub's "
-                f"({urlfetch.cache_path(url, shared=True)}). Unset offline mode once to download them, or pass "
-                f"weights=PATH"
-            ) from e
+            return hubfetch.fetch(repo, variant.weights.hf_hub_filename, progress=progress)
+        except OfflineError as hub_error:
+            damaged = hubfetch.cached_file(repo, variant.weights.hf_hub_filename) is not None
+            try:
+                found = fetch_url(
+                    url, hash_prefix=variant.weights.sha256_prefix, progress=progress, shared=True
+                )
+            except OfflineError as e:
+                raise OfflineError(
+                    f"the weights of {variant.name} are not in torch.hub's cache "
+                    f"({urlfetch.cache_path(url, shared=True)}) either: {hub_error}"
+                ) from e
+            if damaged:
+                warnings.warn(f"{variant.name}: {hub_error}; using torch.hub's copy {found}", stacklevel=3)
+            return found
     try:
         found = hubfetch.fetch(repo, variant.weights.hf_hub_filename, progress=progress)
         assert found is not None
@@ -182,7 +186,9 @@ def fetch_hf_hub(hub_id: str, progress: bool = True) -> Path:
             weights = hubfetch.fetch(
                 repo, filename, revision, progress=progress, deadline=deadline, missing_ok=True
             )
-        except OfflineError as e:  # this one is not cached; another file of the repository may be
+        except OfflineError as e:  # this one is not cached (another file of the repository may be) or damaged
+            if hubfetch.cached_file(repo, filename, revision) is not None:
+                raise
             offline_miss = offline_miss or e
             continue
         if weights is not None:

@@ -130,7 +130,7 @@ def record_path(dst: Path) -> Path:
     return dst.with_name(dst.name + RECORD_SUFFIX)
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -163,7 +163,7 @@ def _valid_hit(dst: Path, url: str, hash_prefix: str | None, repair: bool) -> bo
     if not dst.is_file():
         return False
     record = _read_record(dst)
-    size, digest = dst.stat().st_size, _sha256(dst)
+    size, digest = dst.stat().st_size, sha256_of(dst)
     prefix_ok = hash_prefix is None or digest.startswith(hash_prefix)
     if record is not None:
         ok = prefix_ok and record.get("size") == size and record.get("sha256") == digest
@@ -341,9 +341,9 @@ def validate_download(file: Path, name: str, url: str) -> str:
             with zipfile.ZipFile(file) as z:  # reads the central directory, which sits at the very end
                 ends = [i.header_offset + i.compress_size for i in z.infolist()]
         except (zipfile.BadZipFile, OSError, ValueError) as e:
-            raise _Transient(f"the body is a truncated torch file ({size} bytes: {e})") from e
+            raise _Transient(f"it is a truncated torch file ({size} bytes: {e})") from e
         if ends and max(ends) > size:
-            raise _Transient(f"the body is a truncated torch file ({size} bytes)")
+            raise _Transient(f"it is a truncated torch file ({size} bytes)")
     elif fmt == "safetensors":
         with open(file, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
@@ -353,14 +353,14 @@ def validate_download(file: Path, name: str, url: str) -> str:
                     (int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0
                 )
             except (ValueError, KeyError, TypeError, IndexError) as e:
-                raise _Transient(f"the body is a truncated safetensors file ({size} bytes: {e})") from e
+                raise _Transient(f"it is a truncated safetensors file ({size} bytes: {e})") from e
         if 8 + n + end != size:
-            raise _Transient(f"the body is a truncated safetensors file ({size} of {8 + n + end} bytes)")
+            raise _Transient(f"it is a truncated safetensors file ({size} of {8 + n + end} bytes)")
     else:  # legacy pickle: no index to check, so read it (weights_only; nothing in it runs)
         try:
             formats.read_checkpoint(file)
         except UnsafeCheckpointError:
             pass  # whole, but refused at load time with its own message
         except CorruptCheckpointError as e:
-            raise _Transient(f"the body is a truncated torch file ({size} bytes)") from e
+            raise _Transient(f"it is a truncated torch file ({size} bytes)") from e
     return fmt
