@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as nn_module
+from torch.overrides import has_torch_function
 
 IntOrPair = int | tuple[int, int]
 
@@ -199,9 +200,10 @@ def _gelu_may_overwrite(mlp: Mlp, h: torch.Tensor) -> bool:
     ``[B, N, 4D]`` buffer, which for a large batch glibc takes fresh from the kernel (page faults) on every call.
 
     Only where nothing else can see or keep ``h``: fc1 a linear layer with ``nn.Linear``'s forward (a new
-    tensor) and act exactly ``nn.GELU``, without forward hooks on either or globally, and no autograd needing
-    ``h``; never under ``torch.compile`` or ``torch.export`` (inductor reuses buffers itself; the graph stays
-    timm's) or fx tracing.
+    tensor) and act exactly ``nn.GELU``, without forward hooks on either or globally, no autograd needing ``h``,
+    no tensor subclass, ``TorchFunctionMode`` or ``TorchDispatchMode`` (a recorder, FlopCounterMode) that sees
+    every op and could keep ``h``; never under ``torch.compile`` or ``torch.export`` (inductor reuses buffers
+    itself; the graph stays timm's) or fx tracing.
     """
     if torch.compiler.is_compiling() or _is_fx_proxy(h) or type(mlp.act) is not nn.GELU:
         return False
@@ -211,8 +213,25 @@ def _gelu_may_overwrite(mlp: Mlp, h: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and h.requires_grad:
         return False
+    if has_torch_function((h,)) or _dispatch_mode_active():  # public: subclasses and function modes
+        return False
     tables = _forward_hook_tables((fc1, mlp.act))
     return tables is not None and not any(tables)
+
+
+def _dispatch_mode_active() -> bool:
+    """Whether a ``TorchDispatchMode`` is active. No public API tells; this reads torch's own count of them,
+    and where torch has moved it assumes one is, with a warning."""
+    count = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    if callable(count):
+        return bool(count())
+    warnings.warn(
+        f"torch {torch.__version__} does not say whether a TorchDispatchMode is active; running as if one were "
+        "(GELU no longer overwrites fc1's output)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return True
 
 
 def _forward_hook_tables(modules: Iterable[nn.Module]) -> tuple[dict[Any, Any], ...] | None:

@@ -232,6 +232,64 @@ def test_gelu_overwrites_fc1_output_only_where_nothing_can_see_it() -> None:
     mlp.fc1 = fc1
 
 
+class _KeptLinear(torch.Tensor):
+    """A tensor subclass that keeps every linear layer's output (an activation recorder)."""
+
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        if func is torch.nn.functional.linear:
+            cls.kept.append((out, out.clone()))
+        return out
+
+
+def _recorders() -> dict[str, tuple[object, list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """A TorchFunctionMode and a TorchDispatchMode that keep every linear layer's output (and a copy)."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode  # where torch documents it
+
+    kept: dict[str, list] = {"function": [], "dispatch": []}
+
+    class Function(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.nn.functional.linear:
+                kept["function"].append((out, out.clone()))
+            return out
+
+    class Dispatch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default):
+                kept["dispatch"].append((out, out.clone()))
+            return out
+
+    return {"function": (Function(), kept["function"]), "dispatch": (Dispatch(), kept["dispatch"])}
+
+
+@pytest.mark.parametrize("observer", ["subclass", "function", "dispatch"])
+def test_gelu_never_overwrites_what_a_mode_or_subclass_keeps(observer: str) -> None:
+    """A tensor subclass, TorchFunctionMode or TorchDispatchMode sees every op and may keep fc1's output (an
+    activation recorder): GELU then runs out of place, and what it kept is fc1's output as it was."""
+    torch.manual_seed(0)
+    model = DeiT(img_size=64, embed_dim=32, depth=3, num_heads=2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        if observer == "subclass":
+            _KeptLinear.kept = kept = []
+            out = model(x.as_subclass(_KeptLinear)).as_subclass(torch.Tensor)
+        else:
+            mode, kept = _recorders()[observer]
+            with mode:
+                out = model(x)
+    assert len(kept) >= 6 and all(torch.equal(a, b) for a, b in kept)  # qkv, proj, fc1, fc2 of 3 blocks
+    assert torch.equal(out, expected)
+    assert _gelus(model, x)[:2] == (3, 0)  # and in place again once it is gone
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_metadata_and_sizes(name: str) -> None:
     params, top1, top5, width, heads, size = EXPECTED[name]
