@@ -183,10 +183,12 @@ class Mlp(nn.Module):
 
     @torch.jit.unused
     def _act(self, h: torch.Tensor) -> torch.Tensor:
-        """``self.act(h)``, in place where that is safe."""
-        if _gelu_may_overwrite(self, h):
-            return torch.ops.aten.gelu_(h, approximate=self.act.approximate)
-        return self.act(h)
+        """``self.act(h)``, in place where that is safe. Each submodule is looked up once: nn.Module's
+        ``__getattr__`` costs as much as the rest of the checks together, and batch 1 feels it."""
+        fc1, act = self.fc1, self.act
+        if _gelu_may_overwrite(fc1, act, h):
+            return torch.ops.aten.gelu_(h, approximate=act.approximate)
+        return act(h)
 
 
 # Linear layers return a new tensor: nn.Linear and its subclasses that keep its forward (a subclass's own
@@ -195,9 +197,10 @@ class Mlp(nn.Module):
 _INT8_LINEAR_MODULE = "torch.ao.nn.quantized.dynamic.modules.linear"
 
 
-def _gelu_may_overwrite(mlp: Mlp, h: torch.Tensor) -> bool:
-    """Whether ``mlp``'s GELU may overwrite ``h``, its fc1's output, in place: the same values without a second
-    ``[B, N, 4D]`` buffer, which for a large batch glibc takes fresh from the kernel (page faults) on every call.
+def _gelu_may_overwrite(fc1: nn.Module, act: nn.Module, h: torch.Tensor) -> bool:
+    """Whether an MLP's GELU ``act`` may overwrite ``h``, its ``fc1``'s output, in place: the same values
+    without a second ``[B, N, 4D]`` buffer, which for a large batch glibc takes fresh from the kernel (page
+    faults) on every call.
 
     Only where nothing else can see or keep ``h``: fc1 a linear layer with ``nn.Linear``'s forward (a new
     tensor) and act exactly ``nn.GELU``, without forward hooks on either or globally, no autograd needing ``h``,
@@ -205,9 +208,8 @@ def _gelu_may_overwrite(mlp: Mlp, h: torch.Tensor) -> bool:
     every op and could keep ``h``; never under ``torch.compile`` or ``torch.export`` (inductor reuses buffers
     itself; the graph stays timm's) or fx tracing.
     """
-    if torch.compiler.is_compiling() or _is_fx_proxy(h) or type(mlp.act) is not nn.GELU:
+    if torch.compiler.is_compiling() or _is_fx_proxy(h) or type(act) is not nn.GELU:
         return False
-    fc1 = mlp.fc1
     linear = isinstance(fc1, nn.Linear) and type(fc1).forward is nn.Linear.forward
     if not (linear or type(fc1).__module__ == _INT8_LINEAR_MODULE):
         return False
@@ -215,7 +217,7 @@ def _gelu_may_overwrite(mlp: Mlp, h: torch.Tensor) -> bool:
         return False
     if has_torch_function((h,)) or _dispatch_mode_active():  # public: subclasses and function modes
         return False
-    tables = _forward_hook_tables((fc1, mlp.act))
+    tables = _forward_hook_tables((fc1, act))
     return tables is not None and not any(tables)
 
 
