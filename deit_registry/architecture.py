@@ -13,7 +13,7 @@ The patch embedding, MLP, stochastic depth and position-embedding resampling liv
 :mod:`deit_registry.layers` (timm keeps them in ``timm.layers``).
 """
 
-from typing import Final
+from typing import Any, Final
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +126,7 @@ class DeiT(nn.Module):
     head_input: Final[str]
     num_prefix_tokens: Final[int]
     global_pool: Final[str]
+    __jit_unused_properties__ = ["_traits"]
 
     def __init__(
         self,
@@ -267,6 +268,23 @@ class DeiT(nn.Module):
         grid, prefix = self.patch_embed.grid_size, self.num_prefix_tokens
         new = resample_pos_embed(self.pos_embed.data, grid, old_grid, prefix)
         self.pos_embed = nn.Parameter(new, requires_grad=self.pos_embed.requires_grad)  # frozen stays frozen
+
+    # timm (1.0.31 on) reads a model's current input size and whether it is fixed from ``model._traits``:
+    # ``timm.models.get_model_input_config`` and ``timm.data.resolve_input_data_config``, with which its scripts
+    # check ``--img-size``. ``build_model_with_cfg`` records them at construction, and only timm's private helper
+    # updates them after a resize. The model answers live instead: what timm recorded, with its own current size.
+    @property
+    def _traits(self) -> dict[str, Any]:
+        recorded = getattr(self, "_recorded_traits", {})
+        return {
+            **recorded,
+            "img_size": self.patch_embed.img_size,
+            "fixed_input_size": self.patch_embed.strict_img_size,
+        }
+
+    @_traits.setter
+    def _traits(self, traits: dict[str, Any]) -> None:
+        self._recorded_traits = dict(traits)
 
     # ----------------------------------------------------------------------------------------- forward
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -127,3 +127,40 @@ def test_torchscript_and_fx(name: str) -> None:
     fx = create_feature_extractor(model, return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer)
     with torch.no_grad():
         assert torch.allclose(next(iter(fx(x).values())), expected, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    not hasattr(timm.data, "resolve_input_data_config"),
+    reason="this timm has no model input config (1.0.31 on)",
+)
+def test_timm_reads_the_current_input_size_after_any_resize() -> None:
+    """timm's scripts check ``--img-size`` against ``resolve_input_data_config(model)``: after
+    ``set_input_size``, for ``img_size=`` given to our own ``create_model``, and for a dynamic size, timm is
+    told what the model takes now, exactly as for its own ViT."""
+    from timm.data import resolve_input_data_config
+    from timm.models import get_model_input_config
+
+    import deit_registry as dr
+
+    name = "deit_tiny_patch16_224"
+    vit = timm.models.vision_transformer.vit_tiny_patch16_224
+    resized = [timm.create_model(name, device="meta"), dr.create_model(name, device="meta")]
+    reference = vit(device="meta")
+    for model in (*resized, reference):
+        model.set_input_size((384, 384))
+    cases = [
+        *((m, reference) for m in resized),
+        (dr.create_model(name, img_size=320, device="meta"), vit(img_size=320, device="meta")),
+        (
+            dr.create_model(name, dynamic_img_size=True, device="meta"),
+            vit(dynamic_img_size=True, device="meta"),
+        ),
+        (timm.create_model(name, img_size=320, device="meta"), vit(img_size=320, device="meta")),
+    ]
+    for ours, theirs in cases:
+        assert get_model_input_config(ours) == get_model_input_config(theirs)
+        size = get_model_input_config(ours)["input_size"][-2:]
+        assert resolve_input_data_config(ours, {"img_size": size})["input_size"][-2:] == size
+    assert get_model_input_config(resized[0])["input_size"] == (3, 384, 384)
+    with pytest.raises(ValueError, match="requires"):  # a fixed size still refuses another
+        resolve_input_data_config(resized[1], {"img_size": 224})
