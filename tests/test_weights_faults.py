@@ -381,6 +381,21 @@ def test_2_a_damaged_hub_cache_hit_is_replaced(env, server, monkeypatch, st, pth
     assert _hub_blob(env).read_bytes() == st["ref"] and _partials(env) == []
 
 
+def test_2_a_hub_download_that_is_not_the_file_its_etag_names_is_not_kept(
+    env, server, monkeypatch, st, pth, models
+):
+    """A mirror that sends other bytes (valid weights, the right size) than the sha256 it announces."""
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    for path, route in list(server.routes.items()):
+        server.routes[path] = dataclasses.replace(route, body=st["other"])
+    with pytest.raises(DownloadError, match="not the file it names: its sha256 differs"):
+        _load(f"hf-hub:{HUB_REPO}")
+    assert [f for f in _files(env / "hf") if "/blobs/" in f or f.endswith("model.safetensors")] == []
+    _official(monkeypatch, server, pth["ref"])
+    with pytest.warns(UserWarning, match="using the official file"):  # the default order falls back
+        assert _equal(_load(), models["ref"])
+
+
 def test_2_hub_blobs_not_named_by_sha256_are_loaded_unchecked(env, server, st, models):
     """A mirror's own etags (no sha256) name its blobs: nothing to check them against, and no false alarm."""
     server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
@@ -460,7 +475,7 @@ def test_3_html_page_with_http_200_is_not_cached(env, server):
 def test_3_an_html_page_from_the_hub_is_not_kept_in_its_cache(env, server, st, models):
     page = b"<html><body>mirror error</body></html>"
     server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", page)
-    with pytest.raises(DownloadError, match="not a whole checkpoint"):
+    with pytest.raises(DownloadError, match="not the file it names: .*HTML page"):
         _load(f"hf-hub:{HUB_REPO}")
     assert [f for f in _files(env / "hf") if "/blobs/" in f or f.endswith("model.safetensors")] == []
     server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
@@ -471,7 +486,7 @@ def test_3_an_html_config_from_the_hub_is_not_kept_in_its_cache(env, server, st,
     """The Hub keeps a file per commit: a bad config.json left in its cache would fail that commit for good."""
     server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
     server.add_hub_file(HUB_REPO, "main", COMMIT, "config.json", b"<html><body>mirror error</body></html>")
-    with pytest.raises(DownloadError, match="config.json .* not a JSON object"):
+    with pytest.raises(DownloadError, match="config.json .* not the file it names: not a JSON object"):
         _load(f"hf-hub:{HUB_REPO}")
     assert [f for f in _files(env / "hf") if f.endswith("config.json")] == []
     server.add_hub_file(HUB_REPO, "main", COMMIT, "config.json", b'{"architecture": "deit_tiny_patch16_224"}')

@@ -243,13 +243,12 @@ def fetch(
         if problem is None:
             return path
         evicted = _evict(path)
-    what = "a JSON object" if filename.endswith(".json") else "a whole checkpoint"
     removed = (
         "it was removed from the Hugging Face cache" if evicted is None else f"removing it failed ({evicted})"
     )
     raise DownloadError(
-        f"{filename} of {where} from the Hub ({endpoint()}) is not {what} ({problem}); {removed}. Try again "
-        f"(online), or check HF_ENDPOINT"
+        f"{filename} of {where} from the Hub ({endpoint()}) is not the file it names: {problem}; {removed}. "
+        f"Try again (online), or check HF_ENDPOINT"
     )
 
 
@@ -275,7 +274,11 @@ def damage(path: Path, filename: str, where: str) -> str | None:
 
     try:
         if filename.endswith(".json"):
-            if not isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
+            try:
+                parsed = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as e:  # an HTML page, a cut file
+                return f"not a JSON object ({e})"
+            if not isinstance(parsed, dict):
                 return "not a JSON object"
         elif filename.endswith((".safetensors", ".bin", ".pth")):
             validate_download(path, filename, where)
