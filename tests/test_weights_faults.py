@@ -381,6 +381,33 @@ def test_2_a_damaged_hub_cache_hit_is_replaced(env, server, monkeypatch, st, pth
     assert _hub_blob(env).read_bytes() == st["ref"] and _partials(env) == []
 
 
+def test_2_concurrent_loaders_of_a_damaged_hub_hit_all_get_the_weights(env, server, st, models):
+    """Each loader finds the hit damaged and has it replaced; none may remove the copy another just fetched
+    (the replacement takes the blob's place in one rename, under huggingface_hub's lock)."""
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    _load()
+    _damage(_hub_blob(env), "swapped", st)
+    slow = dataclasses.replace(server.routes[_hub_path()], delay_s=0.5)
+    for path in [p for p in server.routes if p.startswith(f"/{HUB_REPO}/resolve/")]:
+        server.routes[path] = slow
+    results: list[object] = []
+
+    def load() -> None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the "downloaded again" warning, checked elsewhere
+                results.append(_equal(_load(), models["ref"]))
+        except BaseException as e:  # reported below
+            results.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [True] * 4 and _hub_blob(env).read_bytes() == st["ref"]
+
+
 def test_2_a_hub_download_that_is_not_the_file_its_etag_names_is_not_kept(
     env, server, monkeypatch, st, pth, models
 ):

@@ -152,7 +152,7 @@ def fetch(
     if not offline:
         clean_partials(repo)
 
-    def download() -> str:
+    def download(force: bool = False) -> str:
         return hf_hub_download(
             repo_id=repo,
             filename=filename,
@@ -161,12 +161,13 @@ def fetch(
             endpoint=os.environ.get("HF_ENDPOINT") or None,
             local_files_only=offline,
             etag_timeout=max(1.0, min(netlimits.read_timeout(), deadline.left())),
+            force_download=force,
         )
 
-    def call() -> str:
+    def call(force: bool = False) -> str:
         with _progress(progress):
             try:
-                return download()
+                return download(force)
             except (*_transport_errors(), LocalEntryNotFoundError):
                 if offline:  # a cache miss, not a cut: trying again finds nothing more
                     raise
@@ -177,7 +178,7 @@ def fetch(
                 # still-retrying call of ours, say): one more try, on a fresh client. The failed try's partial
                 # file is abandoned now (its lock released): remove it, or it stays in the cache for good.
                 clean_partials(repo)
-                return download()
+                return download(force)
 
     def timed_out() -> Exception:
         return DownloadError(
@@ -185,9 +186,11 @@ def fetch(
             f"(DEIT_REGISTRY_DOWNLOAD_TIMEOUT); the Hub is stalled or unreachable. {FIXES}"
         )
 
-    def fetch_once() -> Path | None:
+    def fetch_once(force: bool = False) -> Path | None:
         try:
-            return Path(netlimits.run_with_deadline(call, max(0.0, deadline.left()), timed_out))
+            return Path(
+                netlimits.run_with_deadline(lambda: call(force), max(0.0, deadline.left()), timed_out)
+            )
         except WeightsError:
             raise
         except HFValidationError as e:
@@ -230,19 +233,17 @@ def fetch(
             f"offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE) and the cached {filename} of {where} ({path}) "
             f"is damaged ({problem}). Unset offline mode once to download it again, or pass weights=PATH"
         )
-    evicted = _evict(path)
-    if path == hit and evicted is None:  # a damaged hit, now removed: once more, from the Hub
+    if path == hit:  # a damaged hit: downloaded again, taking its place in one rename under huggingface_hub's
+        # lock, so that a concurrent loader never finds it missing (removing it first would race them)
         warnings.warn(
-            f"the cached {path} is not the file the Hub sent ({problem}); it was removed and downloaded again "
-            f"from {host}",
+            f"the cached {path} is not the file the Hub sent ({problem}); it was downloaded again from {host}",
             stacklevel=3,
         )
-        clean_partials(repo)
-        path = fetch_once()
+        path = fetch_once(force=True)
         problem = damage(path, filename, where) if path is not None else None
         if problem is None:
             return path
-        evicted = _evict(path)
+    evicted = _evict(path)  # what the Hub sent is bad: keep none of it
     removed = (
         "it was removed from the Hugging Face cache" if evicted is None else f"removing it failed ({evicted})"
     )
