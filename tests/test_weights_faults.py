@@ -423,6 +423,24 @@ def test_2_a_hub_download_that_is_not_the_file_its_etag_names_is_not_kept(
         assert _equal(_load(), models["ref"])
 
 
+def test_2_a_hub_blob_that_links_on_is_checked_by_its_own_name(env, server, st, models):
+    """huggingface_hub may make ``blobs/<sha256>`` itself a link into its shared store (Xet files): the name
+    checked is the blob's, not the store's, and a good file loads without a warning."""
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    _load()
+    blob = _hub_blob(env)
+    store = env / "hf" / "xet-store" / "ab12"
+    store.parent.mkdir(parents=True)
+    blob.rename(store)
+    blob.symlink_to(store)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _equal(_load(), models["ref"])
+    store.write_bytes(st["other"])
+    with pytest.warns(UserWarning, match="not the file the Hub sent"):
+        assert _equal(_load(), models["ref"])
+
+
 def test_2_hub_blobs_not_named_by_sha256_are_loaded_unchecked(env, server, st, models):
     """A mirror's own etags (no sha256) name its blobs: nothing to check them against, and no false alarm."""
     server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])

@@ -297,7 +297,8 @@ def _blob_sha256(path: Path) -> str | None:
     mirror's own etags). A link elsewhere than ``blobs/`` means the layout changed: warned, not checked."""
     if not path.is_symlink():
         return None
-    blob = path.resolve()
+    # One link only: the blob may itself link on (huggingface_hub's shared store of Xet files)
+    blob = Path(os.path.normpath(path.parent / os.readlink(path)))
     if blob.parent.name != "blobs":
         warnings.warn(
             f"{path} links to {blob}, not into the Hugging Face cache's blobs/ folder: its content is not checked "
