@@ -136,6 +136,24 @@ def _load(source=None, **kw) -> torch.nn.Module:
     return dr.create_model(TINY, pretrained=True, weights=source, progress=False, **kw)
 
 
+def _in_threads(fn, n: int, timeout: float) -> list[object]:
+    """What ``fn`` returned (or raised) in each of ``n`` threads started together."""
+    results: list[object] = []
+
+    def run() -> None:
+        try:
+            results.append(fn())
+        except BaseException as e:  # reported by the caller's assert
+            results.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return results
+
+
 def _fixes_named(msg: str) -> bool:
     return all(s in msg for s in ("HF_ENDPOINT", "DEIT_REGISTRY_URL_ROOT", "HF_HUB_OFFLINE", "weights=PATH"))
 
@@ -390,22 +408,13 @@ def test_2_concurrent_loaders_of_a_damaged_hub_hit_all_get_the_weights(env, serv
     slow = dataclasses.replace(server.routes[_hub_path()], delay_s=0.5)
     for path in [p for p in server.routes if p.startswith(f"/{HUB_REPO}/resolve/")]:
         server.routes[path] = slow
-    results: list[object] = []
 
-    def load() -> None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the "downloaded again" warning, checked elsewhere
-                results.append(_equal(_load(), models["ref"]))
-        except BaseException as e:  # reported below
-            results.append(e)
+    def load() -> bool:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the "downloaded again" warning, checked elsewhere
+            return _equal(_load(), models["ref"])
 
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert results == [True] * 4 and _hub_blob(env).read_bytes() == st["ref"]
+    assert _in_threads(load, 4, 60) == [True] * 4 and _hub_blob(env).read_bytes() == st["ref"]
 
 
 def test_2_a_hub_download_that_is_not_the_file_its_etag_names_is_not_kept(
@@ -737,17 +746,5 @@ def test_5_read_only_cache_names_the_folder_and_the_fix(env, server, monkeypatch
 
 def test_5_concurrent_loaders_download_once(env, server, pth, models):
     url = server.add("/together/model.pth", Route(pth["ref"], delay_s=1.0))
-    results: list[object] = []
-
-    def load() -> None:
-        try:
-            results.append(weights.download(TINY, url, progress=False))
-        except BaseException as e:  # reported below
-            results.append(e)
-
-    threads = [threading.Thread(target=load) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    results = _in_threads(lambda: weights.download(TINY, url, progress=False), 3, 30)
     assert results == [cache_path(url)] * 3 and server.gets["/together/model.pth"] == 1
