@@ -4,7 +4,7 @@ a user who wants speed runs: timm's model under ``torch.compile``.
 ::
 
     python benchmarks/inference.py         # deit_tiny, deit_small_distilled, deit_base (patch16_224); batch 1 and 32
-    python benchmarks/inference.py --variants deit_base_patch16_224 --batch-sizes 8 --modes fast-fp32 --repeats 5
+    python benchmarks/inference.py --variants deit_base_patch16_224 --batch-sizes 8 --modes fast-fp32 --repeats 9
     python benchmarks/inference.py --device cuda --batch-sizes 1 32 256 --modes exact bf16 fast fast-nographs
 
 For each variant, timm's own model (``timm.models.deit.<name>``: importing deit_registry points timm's registry
@@ -27,9 +27,10 @@ outputs are checked to agree). Modes, each a row per variant and batch size:
   the ``fast`` row are worth.
 
 Ours and timm's run alternately in one process (the machine may be shared: only ratios within a run mean
-much); every figure is a median over ``--repeats`` samples, or up to five times as many where they take
-little time. ``ready s`` is the time from the untouched model to the first output (compiling included). The
-modes that change numerics are then compared with fp32 on a small DeiT trained on scikit-learn's digits in the
+much); every figure is a median over ``--repeats`` rounds, or up to five times as many where they take
+little time, and ``range`` gives the lowest and highest of the rounds' speedups (how noisy the row was).
+``ready s`` is the time from the untouched model to the first output (compiling included). The modes that
+change numerics are then compared with fp32 on a small DeiT trained on scikit-learn's digits in the
 same run (``benchmarks/agreement.py``): random weights have no meaningful top-1.
 """
 
@@ -262,11 +263,14 @@ def run_row(
             budget_s=budget_s,
         )
     med = {k: statistics.median(v) for k, v in samples.items()}
+    # One ratio per round, of two calls made back to back: a slow phase of the machine slows both.
+    ratios = [t / o for o, t in zip(samples["ours"], samples["timm"])]
     return {
         "dtype": dtype,
         "ours_s": med["ours"],
         "timm_s": med["timm"],
-        "speedup": statistics.median(t / o for o, t in zip(samples["ours"], samples["timm"])),
+        "speedup": statistics.median(ratios),
+        "spread": (min(ratios), max(ratios)),
         "ours_ready": ready["ours"],
         "timm_ready": ready["timm"],
         "drift": drift,
@@ -313,7 +317,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["exact", "fast"])
-    parser.add_argument("--repeats", type=int, default=3, help="samples per measurement (medians reported)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="rounds per row at least (medians reported; quick rows get more)",
+    )
     parser.add_argument(
         "--sample-seconds", type=float, default=3.0, help="time per row for extra samples of the quick rows"
     )
@@ -364,7 +373,8 @@ def main(argv: list[str] | None = None) -> None:
         + "; fast: optimize_for_inference(model) picks the dtype column's"
     )
     print(
-        f"{'variant':34} {'mode':13} {'dtype':8} {'bs':>3} | {'ours im/s':>9} {'timm im/s':>9} {'speedup':>7} | "
+        f"{'variant':34} {'mode':13} {'dtype':8} {'bs':>3} | {'ours im/s':>9} {'timm im/s':>9} {'speedup':>7} "
+        f"{'range':>9} | "
         f"{'ours ms':>8} {'timm ms':>8} | {'ours %mm':>8} {'timm %mm':>8} | {'ours ready s':>12} "
         f"{'timm ready s':>12} | {'diff fp32':>9}   (timm: eager for exact and bf16, torch.compile otherwise)"
     )
@@ -382,10 +392,11 @@ def main(argv: list[str] | None = None) -> None:
                 rate = rates[timm_dtype(r["dtype"], device)]
                 executed = {"ours": gflop * (1.0 if mode in EAGER_MODES else fraction), "timm": gflop}
                 pct = {k: 100 * executed[k] * batch / r[f"{k}_s"] / rate for k in ("ours", "timm")}
+                low, high = r["spread"]
                 print(
                     f"{name:34} {mode:13} {dtype_name(r['dtype']):8} {batch:>3} | {batch / r['ours_s']:9.1f} "
-                    f"{batch / r['timm_s']:9.1f} {r['speedup']:6.2f}x | {1e3 * r['ours_s']:8.1f} "
-                    f"{1e3 * r['timm_s']:8.1f} | {pct['ours']:7.0f}% {pct['timm']:7.0f}% | "
+                    f"{batch / r['timm_s']:9.1f} {r['speedup']:6.2f}x {low:4.2f}-{high:4.2f} | "
+                    f"{1e3 * r['ours_s']:8.1f} {1e3 * r['timm_s']:8.1f} | {pct['ours']:7.0f}% {pct['timm']:7.0f}% | "
                     f"{r['ours_ready']:12.2f} {r['timm_ready']:12.2f} | {r['drift']:9.1e}",
                     flush=True,
                 )
@@ -399,10 +410,11 @@ def main(argv: list[str] | None = None) -> None:
     for reason in skipped:
         print(f"# skipped: {reason}")
     print(
-        "# speedup = timm time / ours (median of per-repeat ratios); %mm = achieved GFLOP/s (executed FLOPs: the "
-        "fast copy skips part of the last block) / the 4096^3 matmul rate in timm's dtype; ready = seconds "
-        "from the model to the first output, compiling included; diff fp32 = max abs difference of our "
-        f"logits from our eager fp32 model's; total {time.perf_counter() - started:.0f} s"
+        "# speedup = timm time / ours (median of per-round ratios; range: the lowest and highest); %mm = "
+        "achieved GFLOP/s (executed FLOPs: the fast copy skips part of the last block) / the 4096^3 matmul "
+        "rate in timm's dtype; ready = seconds from the model to the first output, compiling included; "
+        "diff fp32 = max abs difference of our logits from our eager fp32 model's; "
+        f"total {time.perf_counter() - started:.0f} s"
     )
 
 

@@ -123,6 +123,18 @@ def test_inference_benchmark_alternates_which_side_runs_first():
     assert calls == ["ours", "timm", "ours", "timm", "timm", "ours", "ours", "timm"]
 
 
+def test_inference_benchmark_row_reports_the_spread_of_its_rounds(monkeypatch):
+    """A row's speedup is the median of the per-round ratios, and its range their lowest and highest."""
+    pytest.importorskip("timm")
+    inference = load_script("inference")
+    samples = {"ours": [1.0, 2.0, 1.0, 1.0, 4.0], "timm": [1.5, 2.0, 1.2, 1.3, 4.4]}
+    monkeypatch.setattr(inference, "timed_alternately", lambda *args, **kwargs: samples)
+    ours, theirs, _ = inference.build_pair("deit_tiny_patch16_224")
+    row = inference.run_row("exact", ours, theirs, 1, 5, torch.device("cpu"))
+    assert row["speedup"] == pytest.approx(1.2) and row["spread"] == pytest.approx((1.0, 1.5))
+    assert row["ours_s"] == 1.0 and row["timm_s"] == 1.5  # medians of each side's own samples
+
+
 def test_inference_benchmark_skips_the_bf16_modes_without_native_bf16(capsys, monkeypatch):
     pytest.importorskip("timm")
     inference = load_script("inference")
