@@ -19,7 +19,8 @@ Modules: :mod:`.sources` (where weights come from, downloads and caches), :mod:`
 
 from __future__ import annotations
 
-from .loading import download, is_cached, load_checkpoint, load_pretrained
+from .loading import download, load_checkpoint, load_pretrained
 from .saving import convert, save_pretrained
+from .sources import is_cached
 
 __all__ = ["convert", "download", "is_cached", "load_checkpoint", "load_pretrained", "save_pretrained"]

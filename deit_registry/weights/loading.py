@@ -224,8 +224,3 @@ def download(
     order (the Hub's copy, else the official file), e.g. before going offline (``HF_HUB_OFFLINE=1``).
     """
     return sources.resolve(name, source, progress=progress)
-
-
-def is_cached(name: str | Variant) -> bool:
-    """Whether the default order finds the weights of ``name`` locally (the Hub cache or torch.hub's)."""
-    return sources.cached_path(get_variant(name)).is_file()
