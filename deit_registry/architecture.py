@@ -116,7 +116,8 @@ class DeiT(nn.Module):
             after the position embedding, in the blocks, and on attention probabilities.
         drop_path_rate: stochastic depth, linearly increasing to this rate over the blocks.
         dynamic_img_size: resample the position embedding on every forward to the input's size.
-        dynamic_img_pad: pad inputs that are not multiples of the patch size.
+        dynamic_img_pad: pad inputs that are not multiples of the patch size (with ``dynamic_img_size``; alone,
+            as in timm, the input size stays fixed).
         norm_eps: LayerNorm epsilon (1e-6 in the official models; transformers' configs use 1e-12).
 
     ``forward(x)`` is ``forward_head(forward_features(x))`` for every head.
@@ -173,7 +174,7 @@ class DeiT(nn.Module):
             patch_size,
             in_chans,
             embed_dim,
-            strict_img_size=not (dynamic_img_size or dynamic_img_pad),
+            strict_img_size=not dynamic_img_size,  # as timm: padding alone keeps the position grid fixed
             dynamic_img_pad=dynamic_img_pad,
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))

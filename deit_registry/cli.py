@@ -81,11 +81,39 @@ def _is_cached(name: str) -> bool:
 
 
 def _device(choice: str) -> str:
+    """``--device`` checked against this machine before any weights load: ``auto``, ``cpu``, ``cuda[:N]``."""
     import torch
 
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return choice
+    expected = "--device must be auto, cpu, cuda or cuda:N"
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, ValueError, TypeError):  # torch's parser: RuntimeError for an unknown type
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # meta, mps...: not what this command runs on
+        raise DeiTRegistryError(f"{expected}; got {choice!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise DeiTRegistryError(
+                f"{expected} (this machine has no CUDA GPU: use --device cpu); got {choice!r}"
+            )
+        if device.index is not None and device.index >= count:
+            raise DeiTRegistryError(
+                f"{expected} (this machine has {count} CUDA GPU{'s' if count > 1 else ''}: cuda:0 to "
+                f"cuda:{count - 1}); got {choice!r}"
+            )
+    return str(device)
+
+
+def _shown(path: Any) -> str:
+    """``path`` as stdout can print it, whatever its encoding and error handler (``PYTHONIOENCODING=utf-8:strict``):
+    bytes of a file name that are not valid in the file-system encoding (Python holds them as lone surrogates)
+    and characters stdout cannot encode become backslash escapes."""
+    text = os.fsencode(path).decode(sys.getfilesystemencoding(), "backslashreplace")
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding)
 
 
 def _load_model(variant: Variant, weights: str | None, device: str) -> torch.nn.Module:
@@ -248,7 +276,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for i, r in enumerate(results):
         if i:
             print()
-        print(f"{r['image']}  ({v.name})")
+        print(f"{_shown(r['image'])}  ({v.name})")
         rows = [
             [f"{p['rank']}.", p["class"], f"({p['label']})", f"{100 * p['probability']:.2f}%"]
             for p in r["predictions"]
@@ -376,12 +404,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
     layer = args.layer % depth + 1
     title = [
         f"{v.name}: class-token attention, layer {layer}/{depth}",
-        f"{os.path.basename(args.image)}: top class {top['class']} ({100 * top['probability']:.1f}%)",
+        f"{_shown(os.path.basename(args.image))}: top class {top['class']} ({100 * top['probability']:.1f}%)",
     ]
     figure = render_attention_figure(transform.crop_image(image), heat, title, labels)
     figure.save(args.output, format="PNG")
     print(
-        f"wrote {args.output} ({figure.size[0]}x{figure.size[1]}): {heat.shape[0] - 1} heads + mean, layer {layer}"
+        f"wrote {_shown(args.output)} ({figure.size[0]}x{figure.size[1]}): {heat.shape[0] - 1} heads + mean, layer {layer}"
     )
     print(f"top class: {top['class']} ({top['label']}) {100 * top['probability']:.2f}%")
     return 0
@@ -399,7 +427,7 @@ def cmd_download(args: argparse.Namespace) -> int:
         raise ValueError("--weights names one checkpoint: give exactly one MODEL with it")
     for v in variants:
         path = download(v.name, source=args.weights, progress=not args.quiet)
-        print(f"{v.name}: {path}")
+        print(f"{v.name}: {_shown(path)}")
     return 0
 
 
@@ -409,7 +437,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     name = _variant(args.name).name if args.name else None
     out = convert(args.src, args.dst, name=name, ema=args.ema, overwrite=args.force)
     files = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file()))
-    print(f"converted {args.src} -> {out} ({files})")
+    print(f"converted {_shown(args.src)} -> {_shown(out)} ({files})")
     return 0
 
 
@@ -445,7 +473,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(record)
         return 0
-    print(f"{v.name} on {args.data}: {result.images} images in {dataset.num_class_dirs} class folders")
+    print(
+        f"{v.name} on {_shown(args.data)}: {result.images} images in {dataset.num_class_dirs} class folders"
+    )
     rows = [
         ["", "measured", "published", "difference"],
         ["top-1", f"{result.top1:.2f}%", f"{v.weights.top1:.1f}%", f"{result.top1 - v.weights.top1:+.2f}"],

@@ -25,6 +25,11 @@ class ModelImportError(DeiTRegistryError, ImportError):
     """A model published through an entry point could not be imported."""
 
 
+class ModuleNotRunnableError(DeiTRegistryError, ImportError):
+    """``deit-registry run -m NAME`` for a module that ``python -m`` would not run (not found, a package
+    without ``__main__``...); the message is the one python prints."""
+
+
 class TimmRegistrationError(DeiTRegistryError, RuntimeError):
     """timm is missing or did not take our models, so ``timm.create_model("deit_*")`` would build timm's own
     classes. Raised by ``register_with_timm()``, by ``deit-registry run``, and, where
@@ -46,9 +51,15 @@ class DownloadError(WeightsError, OSError):
     cached; the message names the host and the fixes (a mirror, the offline cache, ``weights=PATH``)."""
 
 
+class HubUnreachableError(DownloadError):
+    """No connection to the Hugging Face Hub (``HF_ENDPOINT``) could be made and the file is not cached, or
+    its cached copy is damaged. The default order then uses the official file; an ``hf-hub:`` id uses the
+    first weights file of the repository that is cached."""
+
+
 class InvalidSourceError(WeightsError, ValueError):
-    """A source that cannot name weights: ``hf-hub:`` not of the form ``owner/repo[@revision]``, or a URL
-    with no file name."""
+    """A source that cannot name weights: ``hf-hub:`` not of the form ``owner/repo[@revision]``, a URL with
+    no file name, no host or a scheme urllib cannot fetch, or a file name too long to cache."""
 
 
 class MissingDependencyError(WeightsError, ImportError):

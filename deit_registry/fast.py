@@ -35,7 +35,11 @@ are copied, so later edits to the original model are not seen; each new input sh
 or traces a graph of its own; a CUDA graph per shape also keeps its activations' memory). A trace runs the
 copy as it was when traced, so later edits to ``fast.model`` are not seen by it; forward hooks are: while one
 is registered on the copy or globally, calls run the copy's modules (``layers._forward_hook_tables``).
-``compile=False`` never traces.
+``compile=False`` never traces. Hooks registered on the model before the call are kept: a block or linear
+layer with hooks of its own stays as it is in the copy (:func:`_has_own_hooks`), slower but hooked. The copy
+stays in eval mode (``train()`` sets only the wrapper's flag). The int8 copy computes in fp32 around its int8
+layers, also for a model cast to half precision, and raises ``ValueError`` for a batch holding a NaN or an
+infinity, which would set the one int8 scale of every image in it (:func:`_check_finite`).
 
 How, on CPUs with AMX, when compiling in half precision: weight freezing, so the linears run as pre-packed
 oneDNN kernels with bias, GELU and the residual add fused. Everything else compiles plainly, unfrozen
@@ -73,6 +77,7 @@ import copy
 import functools
 import importlib
 import importlib.util
+import math
 import shutil
 import sys
 import warnings
@@ -276,6 +281,8 @@ class FastInferenceModel(nn.Module):
     activations, attention in bf16 where the CPU has native bf16), ``compiled`` whether calls go through
     ``torch.compile`` (it turns False if compiling fails) and ``traced`` whether plain calls of an eager copy
     run a TorchScript trace of it per input shape (:func:`_trace`; it turns False if tracing fails).
+    Inference-only: ``train()`` leaves the copy in eval mode. An int8 copy refuses (``ValueError``) a batch
+    with NaN or infinite values, naming the images.
     """
 
     def __init__(
@@ -325,10 +332,19 @@ class FastInferenceModel(nn.Module):
         """Whether compiled calls replay CUDA graphs (``torch.compile(mode="reduce-overhead")``)."""
         return self._cuda_graphs and self.compiled
 
+    def train(self, mode: bool = True) -> FastInferenceModel:
+        """Set this wrapper's ``training`` flag; the copy stays in eval mode whatever ``mode`` (it is
+        inference-only: dropout and drop-path stay off, so a parent module's ``.train()`` changes no output)."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         out_dtype = x.dtype if x.is_floating_point() else torch.float32
         x = x.to(device=self.device, dtype=self.input_dtype if x.is_floating_point() else x.dtype)
         with torch.inference_mode():
+            if self.dtype is torch.qint8 and x.is_floating_point():
+                _check_finite(x)  # here in Python: a trace would keep no check
             size = self._chunk_size(x) if not (args or kwargs) else None
             if size is not None and size < len(x):
                 chunks = x.split(size)
@@ -439,6 +455,35 @@ class FastInferenceModel(nn.Module):
             f"dtype={self.dtype}, device={self.device}, compiled={self.compiled}, traced={self.traced}, "
             f"cuda_graphs={self.cuda_graphs}"
         )
+
+
+def _check_finite(x: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the images of ``x`` that hold a NaN or an infinity: the int8 copy quantizes
+    each layer's input with one scale for the whole batch, which such a value would make meaningless for
+    every image of the batch."""
+    # One sum keeps any NaN or infinity and costs a small share of torch.isfinite(x).all() (several passes and a
+    # bool tensor); the exact check runs only when the sum is not finite (an overflow, or a bad value).
+    if math.isfinite(x.sum().item()):
+        return
+    bad = ~torch.isfinite(x)
+    if not bad.any():
+        return
+    if x.dim() == 0:
+        where = "the input holds"
+    else:
+        rows = bad.reshape(len(x), -1).any(1).nonzero().flatten().tolist()
+        shown = ", ".join(map(str, rows[:10])) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
+        where = (
+            f"the images at batch indices {shown} hold"
+            if len(rows) > 1
+            else f"the image at batch index {shown} holds"
+        )
+    raise ValueError(
+        f"{where} NaN or infinite values: the int8 fast model quantizes each layer's input with one scale for "
+        "the whole batch, so they would corrupt the other images' results too (and get finite, meaningless "
+        "logits themselves); drop or fix them (e.g. torch.nan_to_num), or run the exact model, which returns "
+        "NaN for them"
+    )
 
 
 class _Untraceable(Exception):
@@ -596,16 +641,27 @@ class _InferenceBlockTracedOnce(InferenceBlock):
         forward = torch.compiler.nested_compile_region(forward)
 
 
+def _has_own_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks or pre-hooks of its own (of any kind: with kwargs, always called).
+
+    A module that replaces it in the copy would not carry them: no public API lists a module's hooks with the
+    options they were registered with, so the copy keeps a hooked module as it is (correct, only slower).
+    Where torch has moved its hook tables (warned), as if hooked."""
+    tables = _forward_hook_tables((module,))
+    return tables is None or any(tables[2:])  # after the two global tables: the module's own
+
+
 def _use_inference_blocks(model: nn.Module, traced_once: bool = False) -> None:
     """Give every DeiT inside ``model`` :class:`InferenceBlock` s (``traced_once``: compiled as one nested
     region, :class:`_InferenceBlockTracedOnce`); the last one computes only the prefix tokens when the head
-    reads nothing else (a pooled head on the class/distillation tokens)."""
+    reads nothing else (a pooled head on the class/distillation tokens). A block with forward hooks of its own
+    stays a ``Block`` (:func:`_has_own_hooks`), so that its hooks run and see every token."""
     block_class = _InferenceBlockTracedOnce if traced_once else InferenceBlock
     for deit in [m for m in model.modules() if isinstance(m, DeiT)]:
         prefix_only = deit.head_input == "pooled" and deit.global_pool == "token"
         last = len(deit.blocks) - 1
         for i, block in enumerate(deit.blocks):
-            if type(block) is Block:
+            if type(block) is Block and not _has_own_hooks(block):
                 queries = deit.num_prefix_tokens if prefix_only and i == last else None
                 deit.blocks[i] = block_class(block, queries)
 
@@ -628,7 +684,8 @@ def _quantize_linears(model: nn.Module) -> bool:
         (parent, name, child)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear  # as the flow: subclasses are not swapped, nor is a Linear at the root
+        # as the flow: subclasses are not swapped, nor is a Linear at the root; nor, here, a hooked one
+        if type(child) is nn.Linear and not _has_own_hooks(child)
     ]
     try:
         from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
@@ -667,7 +724,8 @@ def _int8_linear(linear: nn.Linear, qconfig: Any, int8_class: type[nn.Module]) -
         weight, scales.double(), zero_points.long(), observer.ch_axis, torch.qint8
     )
     layer = int8_class(1, 1, bias_=linear.bias is not None, dtype=torch.qint8)
-    layer.set_weight_bias(qweight, None if linear.bias is None else linear.bias.detach())
+    # an fp32 bias, as the fp32 activations around it, also for a model cast to half precision
+    layer.set_weight_bias(qweight, None if linear.bias is None else linear.bias.detach().float())
     layer.in_features, layer.out_features = linear.in_features, linear.out_features
     return layer
 
@@ -678,7 +736,7 @@ def _int8_copy(model: nn.Module) -> nn.Module | None:
     The int8 layers keep no float weights: the copy takes the plain ``nn.Linear`` layers' weights by reference
     and quantizes them at once, rather than copying most of the model's parameters only to drop them.
     """
-    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    linears = [m for m in model.modules() if type(m) is nn.Linear and not _has_own_hooks(m)]
     shared = {id(p): p for m in linears for p in m.parameters(recurse=False)}
     converted = copy.deepcopy(model, memo=dict(shared))
     if not _quantize_linears(converted):
@@ -784,7 +842,7 @@ def _tune_for_cpus_without_amx(model: nn.Module, compiled: bool) -> None:
             module.__class__ = _AttentionOnContiguousHeads
         for name, child in list(module.named_children()):
             twin = _bias_after_matmul(child)
-            if twin is not None:
+            if twin is not None and not _has_own_hooks(child):  # the twin would not carry its hooks
                 setattr(module, name, twin)
 
 
@@ -892,8 +950,8 @@ def optimize_for_inference(
     converted.eval()
     for p in converted.parameters():
         p.requires_grad_(False)
-    if dtype is not torch.qint8:
-        converted.to(dtype)
+    # int8: everything but the int8 layers computes in fp32, also for a model cast to half precision
+    converted.to(torch.float32 if dtype is torch.qint8 else dtype)
     compiled = None
     # int8 by default: the quantized linears are opaque to the compiler, and compiling around them measured
     # slower than running the model eagerly; a DeiT's plain calls run a TorchScript trace of it instead.

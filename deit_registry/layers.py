@@ -206,9 +206,12 @@ def _gelu_may_overwrite(fc1: nn.Module, act: nn.Module, h: torch.Tensor) -> bool
     tensor) and act exactly ``nn.GELU``, without forward hooks on either or globally, no autograd needing ``h``,
     no tensor subclass, ``TorchFunctionMode`` or ``TorchDispatchMode`` (a recorder, FlopCounterMode) that sees
     every op and could keep ``h``; never under ``torch.compile`` or ``torch.export`` (inductor reuses buffers
-    itself; the graph stays timm's) or fx tracing.
+    itself; the graph stays timm's) or fx tracing; under ``torch.jit.trace`` only for weights without grad.
     """
     if torch.compiler.is_compiling() or _is_fx_proxy(h) or type(act) is not nn.GELU:
+        return False
+    # torch.jit.trace's check traces again under no_grad: decide by the weights, the same in both traces.
+    if torch.jit.is_tracing() and any(p.requires_grad for p in fc1.parameters()):
         return False
     linear = isinstance(fc1, nn.Linear) and type(fc1).forward is nn.Linear.forward
     if not (linear or type(fc1).__module__ == _INT8_LINEAR_MODULE):

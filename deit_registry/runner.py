@@ -16,6 +16,7 @@ or from Python::
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import runpy
@@ -26,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import timm_hook
-from .errors import TimmRegistrationError
+from .errors import ModuleNotRunnableError, TimmRegistrationError
 
 # Holds a sitecustomize.py that imports deit_registry: first on PYTHONPATH, it runs at the start of every Python
 # process the script starts (multiprocessing's spawn and forkserver, torchrun's workers, subprocess), which
@@ -59,6 +60,37 @@ def exit_status(code: object) -> int:
     return 1
 
 
+def _module_problem(name: str) -> str | None:
+    """Why ``python -m name`` would stop before running anything, in python's words (runpy's checks, through
+    importlib's public API), or None. Imports the parent packages, as python does; an error raised inside one
+    is the module's own and propagates."""
+    if name.startswith("."):
+        return "Relative module names not supported"
+    parent = name.rpartition(".")[0]
+    if parent:
+        try:
+            importlib.import_module(parent)
+        except ImportError as err:  # a missing ancestor is reported below; other import errors are the code's
+            if err.name is None or (err.name != parent and not parent.startswith(err.name + ".")):
+                raise
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, AttributeError, TypeError, ValueError) as err:
+        return f"Error while finding module specification for {name!r} ({type(err).__name__}: {err})"
+    if spec is None:
+        return f"No module named {name}"
+    if spec.submodule_search_locations is not None:  # a package: python -m runs its __main__
+        if name == "__main__" or name.endswith(".__main__"):
+            return "Cannot use package as __main__ module"
+        problem = _module_problem(f"{name}.__main__")
+        if problem is not None and name in sys.modules:
+            return f"{problem}; {name!r} is a package and cannot be directly executed"
+        return problem
+    if spec.loader is None:
+        return f"{name!r} is a namespace package and cannot be executed"
+    return None
+
+
 def run(target: str, args: Sequence[str] = (), module: bool = False) -> int:
     """Run ``target`` (a script path, or a module name with ``module=True``) as ``__main__`` with ``args``.
 
@@ -67,7 +99,8 @@ def run(target: str, args: Sequence[str] = (), module: bool = False) -> int:
     ends normally, 1 (after printing the traceback) when it raises. ``sys.argv``, ``sys.path`` and the
     environment are restored afterwards. Raises :class:`TimmRegistrationError` if the models cannot be
     registered: before the script runs if timm is missing, else from the script's own ``import timm``. Raises
-    ``FileNotFoundError`` for a missing script.
+    ``FileNotFoundError`` for a missing script, and :class:`ModuleNotRunnableError` (an ``ImportError``, with
+    the line ``python -m`` prints) for a module that cannot be found or run.
     """
     if not module and not os.path.exists(target):
         raise FileNotFoundError(f"can't open file {target!r}: no such file")
@@ -85,12 +118,15 @@ def run(target: str, args: Sequence[str] = (), module: bool = False) -> int:
                 )
             timm_hook.install()  # registers now if timm.models is imported (raising on failure), else on import
             if module:
+                problem = _module_problem(target)  # runpy's own ImportError would print as a traceback
+                if problem is not None:
+                    raise ModuleNotRunnableError(problem, name=target)
                 runpy.run_module(target, run_name="__main__", alter_sys=True)
             else:
                 runpy.run_path(target, run_name="__main__")
     except SystemExit as e:
         return exit_status(e.code)
-    except (KeyboardInterrupt, TimmRegistrationError):
+    except (KeyboardInterrupt, TimmRegistrationError, ModuleNotRunnableError):
         raise
     except Exception:
         traceback.print_exc()  # what python prints for an uncaught exception
@@ -101,4 +137,4 @@ def run(target: str, args: Sequence[str] = (), module: bool = False) -> int:
     return 0
 
 
-__all__ = ["TimmRegistrationError", "exit_status", "run"]
+__all__ = ["ModuleNotRunnableError", "TimmRegistrationError", "exit_status", "run"]

@@ -29,13 +29,47 @@ DISTILLATION_KINDS = ("none", "soft", "hard")
 _STEM_PREFIXES = ("cls_token", "dist_token", "pos_embed", "patch_embed", "mask_token")
 
 
-def _num_blocks(model: nn.Module) -> int:
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
+# What wrappers put before the model's own parameter names: torch.compile's OptimizedModule, and
+# DistributedDataParallel / DataParallel (either around the other).
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def _model_name(name: str) -> str:
+    """``name`` as the wrapped DeiT itself names the parameter (wrapper prefixes stripped)."""
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def _wrapped_attribute(model: nn.Module, name: str) -> Any:
+    """``model``'s attribute ``name`` (torch.compile's wrapper forwards attributes), else that of the model a
+    DistributedDataParallel / DataParallel holds in its public ``module``; None without one."""
+    for owner in (model, getattr(model, "module", None)):
+        value = getattr(owner, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _named_parameters(model: nn.Module) -> tuple[list[tuple[str, str, nn.Parameter]], int]:
+    """``(name, the DeiT's own name, parameter)`` for each parameter of ``model``, and its number of blocks.
+
+    Wrapped in ``torch.compile`` or ``DistributedDataParallel``, names carry the wrapper's prefix; the helpers
+    read the DeiT's own. Raises ``ValueError`` where no parameter is in ``blocks.*`` (not a DeiT)."""
+    named = [(name, _model_name(name), param) for name, param in model.named_parameters()]
+    depths = [int(own.split(".")[1]) for _, own, _ in named if own.startswith("blocks.")]
+    if not depths:
         raise ValueError(
-            f"{type(model).__name__} has no `blocks`; these helpers expect a DeiT (deit_registry.DeiT)"
+            f"{type(model).__name__} has no parameters named blocks.*; these helpers expect a DeiT "
+            "(deit_registry.DeiT), also inside torch.compile or DistributedDataParallel"
         )
-    return len(blocks)
+    blocks = _wrapped_attribute(model, "blocks")
+    return named, len(blocks) if isinstance(blocks, nn.Module) else max(depths) + 1
+
+
+def _no_weight_decay(model: nn.Module) -> set[str]:
+    method = _wrapped_attribute(model, "no_weight_decay")
+    return set(method()) if callable(method) else set()
 
 
 def layer_id(name: str, num_blocks: int) -> int:
@@ -64,19 +98,20 @@ def param_groups_layer_decay(
     ``lr = lr * lr_scale`` so that plain torch optimizers apply it too::
 
         optimizer = torch.optim.AdamW(param_groups_layer_decay(model, lr=1e-3, layer_decay=0.65))
+
+    ``model`` may be wrapped in ``torch.compile`` or ``DistributedDataParallel`` (see :func:`_named_parameters`);
+    ``param_names`` are the wrapper's names. Raises ``ValueError`` for a model without ``blocks.*``.
     """
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1]; got {layer_decay}")
-    num_blocks = _num_blocks(model)
-    skip = (
-        set(no_weight_decay) if no_weight_decay is not None else set(getattr(model, "no_weight_decay", set)())
-    )
+    named, num_blocks = _named_parameters(model)
+    skip = set(no_weight_decay) if no_weight_decay is not None else _no_weight_decay(model)
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
-    for name, param in model.named_parameters():
+    for name, own, param in named:
         if not param.requires_grad:
             continue
-        depth = layer_id(name, num_blocks)
-        decay = not (param.ndim <= 1 or name in skip or name.endswith(".bias"))
+        depth = layer_id(own, num_blocks)
+        decay = not (param.ndim <= 1 or own in skip or own.endswith(".bias"))
         key = (depth, decay)
         if key not in groups:
             scale = layer_decay ** (num_blocks + 1 - depth)
@@ -100,8 +135,10 @@ def freeze(model: nn.Module, up_to_block: int | None = None, include_norm: bool 
 
         freeze(model)                   # linear probing
         freeze(model, up_to_block=6)    # fine-tune the top half
+
+    As :func:`param_groups_layer_decay`, through ``torch.compile`` and ``DistributedDataParallel`` too.
     """
-    num_blocks = _num_blocks(model)
+    named, num_blocks = _named_parameters(model)
     if up_to_block is None:
         up_to_block = num_blocks
     if not 0 <= up_to_block <= num_blocks:
@@ -109,9 +146,9 @@ def freeze(model: nn.Module, up_to_block: int | None = None, include_norm: bool 
     if include_norm is None:
         include_norm = up_to_block == num_blocks
     frozen = []
-    for name, param in model.named_parameters():
-        depth = layer_id(name, num_blocks)
-        is_norm = name.startswith("norm.")
+    for name, own, param in named:
+        depth = layer_id(own, num_blocks)
+        is_norm = own.startswith("norm.")
         if depth <= up_to_block or (include_norm and is_norm):
             param.requires_grad_(False)
             frozen.append(name)

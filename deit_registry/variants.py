@@ -126,6 +126,9 @@ class Variant:
         """
         w = self.weights
         return dict(
+            architecture=self.name,  # as timm's default_cfgs give every model (save_for_hf reads it)
+            tag=PRETRAINED_TAG,
+            custom_load=False,
             url=w.url,
             hf_hub_id=w.hf_hub_id,
             hf_hub_filename=w.hf_hub_filename,
@@ -137,6 +140,7 @@ class Variant:
             mean=w.mean,
             std=w.std,
             num_classes=w.num_classes,
+            pool_size=None,
             first_conv="patch_embed.proj",
             classifier=("head", "head_dist") if self.arch.distilled else "head",
             license=w.license,

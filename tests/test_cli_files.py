@@ -160,3 +160,42 @@ def test_validate_workers_corrupt_image_names_the_file(tmp_path, checkpoint):
         _cli("validate", TINY, "--data", str(data), "--workers", "2", "-q", "--weights", str(checkpoint))
     )
     assert str(bad) in line and "cannot read" in line and "DataLoader worker" not in line
+
+
+# ------------------------------------------------------------------------------------------ devices and file names
+@pytest.mark.parametrize(
+    "device, gpus, message",
+    [
+        ("bogus", 0, "--device must be auto, cpu, cuda or cuda:N; got 'bogus'"),
+        ("meta", 0, "got 'meta'"),
+        ("cuda", 0, "(this machine has no CUDA GPU: use --device cpu); got 'cuda'"),
+        ("cuda:2", 2, "(this machine has 2 CUDA GPUs: cuda:0 to cuda:1); got 'cuda:2'"),
+    ],
+)
+def test_a_bad_device_is_one_line_before_the_weights_load(
+    tmp_path, monkeypatch, capsys, device, gpus, message
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 32)).save(image)
+    missing = tmp_path / "missing.pth"  # loading it would be the error if the device were checked later
+    assert cli.main(["predict", TINY, str(image), "--weights", str(missing), "--device", device]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("deit-registry: error: --device") and message in err[0]
+    assert cli._device("cuda:1" if gpus else "cpu") == ("cuda:1" if gpus else "cpu")
+
+
+def test_a_file_name_that_is_not_utf8_prints_under_a_strict_stdout(tmp_path, checkpoint):
+    import os
+
+    image = tmp_path / os.fsdecode(b"bad\xff\xfename.png")
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(image)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deit_registry", "predict", TINY, str(image), "--weights", str(checkpoint)],
+        capture_output=True,
+        timeout=180,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode("ascii").startswith(f"{tmp_path}/bad\\xff\\xfename.png  ({TINY})\n")

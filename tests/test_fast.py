@@ -735,6 +735,127 @@ def test_hooks_on_the_last_blocks_attention_run_and_see_every_token(dtype):
     torch.testing.assert_close(maps[0], want[0], atol=0.02 if dtype is torch.qint8 else 1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("traced", [True, False], ids=["traced", "eager"])
+def test_int8_refuses_batches_with_non_finite_images_and_names_them(traced):
+    """One NaN or infinity would set a whole batch's int8 scale (and give its own image finite logits): the
+    int8 copy raises a ValueError naming the images, also once a trace for the shape exists; finite inputs
+    whose sum overflows pass, and the fp32 copy returns NaN for the bad image like the model."""
+    model = small_deit()
+    fast_model = fast.optimize_for_inference(model, dtype=torch.qint8, compile=None if traced else False)
+    assert fast_model.traced is traced
+    x = images(4)
+    fast_model(x)  # a trace of this shape is made first
+    bad = x.clone()
+    bad[1, 0, 3, 5] = float("nan")
+    bad[3, 2, 0, 0] = float("-inf")
+    with pytest.raises(ValueError, match=r"batch indices 1, 3 hold NaN or infinite.*one scale.*drop or fix"):
+        fast_model(bad)
+    with pytest.raises(ValueError, match=r"the image at batch index 0 holds"):
+        fast_model(bad[3:].double())  # checked as the copy sees it, after the cast
+    huge = torch.full((1, 3, 64, 64), 3e38)  # finite, but its sum is not
+    assert fast_model(huge).shape == (1, 10)
+    with torch.inference_mode():
+        exact = model(bad)
+    assert exact[[1, 3]].isnan().all() and not exact[[0, 2]].isnan().any()
+    fp32 = fast.optimize_for_inference(model, dtype=torch.float32, compile=False)
+    torch.testing.assert_close(fp32(bad), exact, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"dtype": torch.qint8},
+        {"dtype": torch.qint8, "compile": False},
+        {"dtype": torch.float32, "compile": False},
+    ],
+    ids=["int8-traced", "int8-eager", "fp32-eager"],
+)
+def test_hooks_registered_before_optimizing_run_in_the_copy(kwargs):
+    """The copy replaces blocks and linear layers; no public API carries a module's hooks (with their options)
+    over, so a module with hooks of its own stays as it is: every kind of hook runs on every call, a hooked
+    block sees every token, and while a hook is on the copy no trace runs."""
+    model = small_deit()
+    x = images(2)
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    block, last, head, qkv = model.blocks[0], model.blocks[-1], model.head, model.blocks[1].attn.qkv
+    block.register_forward_pre_hook(
+        lambda m, args, kw: calls.append(("pre", args[0].shape)), with_kwargs=True
+    )
+    block.register_forward_hook(lambda m, args, out: calls.append(("block", out.shape)), always_call=True)
+    last.register_forward_hook(lambda m, args, kw, out: calls.append(("last", out.shape)), with_kwargs=True)
+    head.register_forward_hook(lambda m, args, out: calls.append(("head", out.shape)))
+    qkv.register_forward_pre_hook(lambda m, args: calls.append(("qkv", args[0].shape)))
+    with torch.inference_mode():
+        want = model(x)
+    expected = list(calls)
+    assert len(expected) == 5
+    fast_model = fast.optimize_for_inference(model, **kwargs)
+    for _ in range(2):
+        calls.clear()
+        out = fast_model(x)
+        assert sorted(calls) == sorted(expected)
+    assert type(fast_model.model.blocks[0]) is type(fast_model.model.blocks[-1]) is Block
+    assert type(fast_model.model.head) is type(fast_model.model.blocks[1].attn.qkv) is nn.Linear
+    assert not fast_model._traces  # the hooks are seen: the modules ran
+    if kwargs["dtype"] is torch.qint8:
+        assert len(quantized_linears(fast_model)) == 4 * 2 + 2 - 2  # blocks, two heads: all but the hooked
+        assert type(fast_model.model.blocks[1].mlp.fc1) is not nn.Linear
+    torch.testing.assert_close(out, want, atol=0.05 if kwargs["dtype"] is torch.qint8 else 1e-5, rtol=0)
+    # Compiled half precision on CPUs without AMX swaps linears and the patch embedding for twins: not hooked ones
+    tuned = copy.deepcopy(fast_model.model)
+    fast._tune_for_cpus_without_amx(tuned, compiled=True)
+    assert type(tuned.head) is nn.Linear and type(tuned.blocks[0].mlp.fc1) is not nn.Linear
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"dtype": torch.qint8, "compile": False}, {"dtype": torch.float32, "compile": False}],
+    ids=["int8-eager", "fp32-eager"],
+)
+def test_train_leaves_the_inference_only_copy_in_eval_mode(kwargs):
+    """A parent's ``.train()`` reaches the wrapper: the copy stays in eval mode, so dropout and drop-path stay
+    off and outputs stay the same."""
+    torch.manual_seed(0)
+    model = DeiT(
+        img_size=64,
+        embed_dim=96,
+        depth=2,
+        num_heads=3,
+        num_classes=10,
+        drop_rate=0.5,
+        drop_path_rate=0.5,
+        attn_drop_rate=0.5,
+    ).eval()
+    fast_model = fast.optimize_for_inference(model, **kwargs)
+    x = images(2)
+    before = fast_model(x)
+    parent = nn.Sequential(fast_model)
+    assert parent.train() is parent and fast_model.train() is fast_model
+    assert fast_model.training and not any(m.training for m in fast_model.model.modules())
+    assert torch.equal(fast_model(x), before) and torch.equal(fast_model(x), before)
+    fast_model.eval()
+    assert not fast_model.training and torch.equal(fast_model(x), before)
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("compile", [None, False], ids=["traced", "eager"])
+def test_int8_copy_of_a_model_cast_to_half_precision_computes_in_fp32(half, compile):
+    """A model the user cast with ``.half()`` / ``.bfloat16()``: the int8 copy's other layers and its int8
+    layers' biases are fp32, and outputs follow the input's floating dtype."""
+    model = small_deit()
+    x = images(2)
+    reference = fast.optimize_for_inference(model, dtype=torch.qint8, compile=False)(x)
+    halved = copy.deepcopy(model).to(half)
+    fast_model = fast.optimize_for_inference(halved, dtype=torch.qint8, compile=compile)
+    assert all(p.dtype == half for p in halved.parameters())  # the original keeps its dtype
+    assert all(t.dtype == torch.float32 for t in [*fast_model.parameters(), *fast_model.buffers()])
+    assert all(layer.bias().dtype == torch.float32 for layer in quantized_linears(fast_model))
+    out = fast_model(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, reference, atol=0.1, rtol=0)  # the half weights' rounding, then int8
+    assert fast_model(x.to(half)).dtype == half
+
+
 def _failing_trace(*args, **kwargs):
     raise RuntimeError("Tracer cannot infer type of output\nmore")
 

@@ -113,6 +113,40 @@ def test_exit_message_exception_and_missing_script(tmp_path: Path, capsys) -> No
     assert "run -m needs a module name" in capsys.readouterr().err
 
 
+def test_a_module_python_cannot_run_is_its_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """``run -m`` checks the module as python -m does before anything runs: a missing module, or a package
+    without ``__main__``, is python's own line (no traceback), exit 1; an error raised while importing the
+    module's package is the code's, a traceback as under python."""
+    from deit_registry.cli import main
+    from deit_registry.errors import DeiTRegistryError
+    from deit_registry.runner import ModuleNotRunnableError, run
+
+    (tmp_path / "h6_no_main").mkdir()
+    (tmp_path / "h6_no_main" / "__init__.py").write_text("")
+    (tmp_path / "h6_broken").mkdir()
+    (tmp_path / "h6_broken" / "__init__.py").write_text("import h6_missing_dependency\n")
+    (tmp_path / "h6_broken" / "tool.py").write_text("print('ran')\n")
+    monkeypatch.chdir(tmp_path)
+    for name in ("h6_nonexistent_module", "h6_nonexistent_pkg.tool", "h6_no_main"):
+        python = _py("-m", name, cwd=tmp_path)
+        assert python.returncode == 1
+        said = python.stderr.strip().split(": ", 1)[1]  # after "<interpreter>: "
+        assert main(["run", "-m", name, "--flag"]) == 1
+        assert capsys.readouterr().err.strip() == f"deit-registry: error: {said}"
+    assert (
+        said
+        == "No module named h6_no_main.__main__; 'h6_no_main' is a package and cannot be directly executed"
+    )
+    with pytest.raises(ModuleNotRunnableError, match="No module named h6_nonexistent_module") as caught:
+        run("h6_nonexistent_module", module=True)
+    assert isinstance(caught.value, ImportError) and isinstance(caught.value, DeiTRegistryError)
+    assert main(["run", "-m", "h6_broken.tool"]) == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" in err and "No module named 'h6_missing_dependency'" in err and "ran" not in out
+
+
 def test_missing_timm_stops_before_the_script(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -119,14 +119,49 @@ def test_torchscript_and_fx(name: str) -> None:
     scripted = torch.jit.script(model)
     buffer = io.BytesIO()
     torch.jit.save(scripted, buffer)
+    traced = torch.jit.trace(model, x)  # grad enabled: its sanity check traces again under no_grad
     with torch.no_grad():
         expected = model(x)
         assert torch.allclose(scripted(x), expected, atol=1e-5)
+        assert torch.allclose(traced(x), expected, atol=1e-5)
     tracer = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
     _, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer)
     fx = create_feature_extractor(model, return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer)
     with torch.no_grad():
         assert torch.allclose(next(iter(fx(x).values())), expected, atol=1e-5)
+
+
+def test_dynamic_img_pad_alone_keeps_the_input_size_fixed() -> None:
+    """As in timm: padding to a patch multiple does not resample the position grid, so the size stays fixed."""
+    import deit_registry as dr
+
+    ours = dr.create_model("deit_tiny_patch16_224", dynamic_img_pad=True, depth=1).eval()
+    theirs = timm.models.vision_transformer.VisionTransformer(
+        embed_dim=192, depth=1, num_heads=3, dynamic_img_pad=True
+    ).eval()
+    assert ours.patch_embed.strict_img_size and theirs.patch_embed.strict_img_size
+    with pytest.raises(ValueError, match="built for 224x224 inputs; got 210x210"):
+        ours(torch.randn(1, 3, 210, 210))
+    with pytest.raises(AssertionError):
+        theirs(torch.randn(1, 3, 210, 210))
+
+
+def test_timm_save_for_hf_reads_a_model_of_every_door(tmp_path) -> None:
+    """``pretrained_cfg`` carries what timm's own factories give (``architecture``, ``tag``...), so timm's
+    ``save_for_hf`` works on a model from ``deit_registry.create_model`` and timm reads the folder back."""
+    import deit_registry as dr
+
+    torch.manual_seed(0)
+    ours = dr.create_model("deit_tiny_patch16_224", num_classes=7).eval()
+    theirs = timm.create_model("deit_tiny_patch16_224", num_classes=7)
+    assert {k: v for k, v in ours.pretrained_cfg.items() if k != "num_classes"} == {
+        k: v for k, v in theirs.pretrained_cfg.items() if k != "num_classes"
+    }
+    timm.models.save_for_hf(ours, str(tmp_path))
+    back = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(back(x), ours(x))
 
 
 @pytest.mark.skipif(
@@ -156,6 +191,10 @@ def test_timm_reads_the_current_input_size_after_any_resize() -> None:
             vit(dynamic_img_size=True, device="meta"),
         ),
         (timm.create_model(name, img_size=320, device="meta"), vit(img_size=320, device="meta")),
+        (
+            dr.create_model(name, dynamic_img_pad=True, device="meta"),
+            vit(dynamic_img_pad=True, device="meta"),
+        ),
     ]
     for ours, theirs in cases:
         assert get_model_input_config(ours) == get_model_input_config(theirs)

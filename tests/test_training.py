@@ -134,6 +134,40 @@ def test_freeze_and_unfreeze(x):
         freeze(model, up_to_block=4)
 
 
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda m: torch.compile(m),
+        nn.DataParallel,  # on CPU a plain wrapper: what DistributedDataParallel does to the names
+        lambda m: torch.compile(nn.DataParallel(m)),
+    ],
+    ids=["compiled", "data-parallel", "compiled-data-parallel"],
+)
+def test_freeze_and_layer_decay_see_through_compile_and_data_parallel(wrap):
+    """torch.compile and (Distributed)DataParallel prefix every parameter name (``_orig_mod.``,
+    ``module.``): the helpers read the DeiT's own names and return the wrapper's."""
+    plain, model = tiny(True), tiny(True)
+    wrapped = wrap(model)
+    prefix = next(n for n, _ in wrapped.named_parameters()).removesuffix("cls_token")
+    assert prefix  # the names really are prefixed
+    want = param_groups_layer_decay(plain, layer_decay=0.5)
+    got = param_groups_layer_decay(wrapped, layer_decay=0.5)
+    assert [(g["lr_scale"], g["weight_decay"], [prefix + n for n in g["param_names"]]) for g in want] == [
+        (g["lr_scale"], g["weight_decay"], g["param_names"]) for g in got
+    ]
+    assert freeze(wrapped, up_to_block=2) == [prefix + n for n in freeze(plain, up_to_block=2)]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable_parameter_names(plain)
+    with pytest.raises(ValueError, match="up_to_block must be between 0 and 3"):
+        freeze(wrapped, up_to_block=4)
+
+
+def test_helpers_refuse_models_without_blocks():
+    for model in (nn.Linear(3, 3), torch.compile(nn.Sequential(nn.Linear(3, 3)))):
+        for helper in (freeze, param_groups_layer_decay):
+            with pytest.raises(ValueError, match=r"no parameters named blocks\.\*.*expect a DeiT"):
+                helper(model)
+
+
 # --------------------------------------------------------------------------------------- distillation loss
 def test_distillation_loss_matches_hand_computation():
     torch.manual_seed(0)

@@ -7,6 +7,7 @@ overall deadline is a few seconds, so a hang shows up as a failed time bound, no
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import io
 import logging
@@ -33,11 +34,12 @@ from deit_registry.errors import (
     CheckpointNotFoundError,
     DownloadError,
     HashMismatchError,
+    HubUnreachableError,
     InvalidSourceError,
     OfflineError,
 )
-from deit_registry.variants import VARIANTS
-from deit_registry.weights import hubfetch, sources
+from deit_registry.variants import OFFICIAL_URL_ROOT, VARIANTS
+from deit_registry.weights import hubfetch, sources, urlfetch
 from deit_registry.weights.urlfetch import RECORD_SUFFIX, cache_path
 
 TINY = "deit_tiny_patch16_224"
@@ -748,3 +750,262 @@ def test_5_concurrent_loaders_download_once(env, server, pth, models):
     url = server.add("/together/model.pth", Route(pth["ref"], delay_s=1.0))
     results = _in_threads(lambda: weights.download(TINY, url, progress=False), 3, 30)
     assert results == [cache_path(url)] * 3 and server.gets["/together/model.pth"] == 1
+
+
+# ------------------------------------------------------------------ 6. settings, file systems and odd sources
+@pytest.mark.parametrize(
+    "var, value",
+    [("DEIT_REGISTRY_DOWNLOAD_TIMEOUT", v) for v in ("nan", "inf", "1e400")]
+    + [("DEIT_REGISTRY_READ_TIMEOUT", v) for v in ("nan", "inf")]
+    + [("DEIT_REGISTRY_RETRIES", "²")],
+)
+def test_6_non_finite_settings_are_refused_by_name(env, server, monkeypatch, pth, st, var, value):
+    """nan would turn the deadline off, inf overflow it: refused like any bad value, naming the variable."""
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    url = server.add("/set/model.pth", Route(pth["ref"]))
+    monkeypatch.setenv(var, value)
+    sources_to_try = [url] if var == "DEIT_REGISTRY_RETRIES" else [url, f"hf-hub:{HUB_REPO}"]
+    for source in sources_to_try:
+        with pytest.raises(ValueError, match=var):
+            _load(source)
+    assert sum(server.gets.values()) == 0
+
+
+class _FailingWrites:
+    """A file whose writes fail with ``err``, as on a full or read-only file system."""
+
+    def __init__(self, file, err: int) -> None:
+        self.file, self.err = file, err
+
+    def write(self, data: bytes) -> int:
+        raise OSError(self.err, os.strerror(self.err))
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+    def __enter__(self) -> _FailingWrites:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+
+def _fail_binary_writes(monkeypatch: pytest.MonkeyPatch, err: int) -> None:
+    """Every binary file os.fdopen opens (a download's partial file) fails its writes with ``err``."""
+    real = os.fdopen
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        file = real(fd, mode, *args, **kwargs)
+        return _FailingWrites(file, err) if "b" in mode else file
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT])
+def test_6_a_full_disk_is_not_retried_and_names_the_cache(env, server, monkeypatch, pth, err):
+    url = server.add("/full/model.pth", Route(pth["ref"]))
+    _fail_binary_writes(monkeypatch, err)
+    with pytest.raises(DownloadError) as e:
+        _load(url)
+    msg = str(e.value)
+    assert str(cache_path(url).parent) in msg and "Free space" in msg and "TORCH_HOME" in msg
+    assert "network" not in msg and server.gets["/full/model.pth"] == 1  # not retried
+    assert _files(env / "torch") == []
+
+
+@pytest.mark.parametrize(
+    "where, err", [("mkdir", errno.EROFS), ("write", errno.EROFS), ("write", errno.EACCES)]
+)
+def test_6_a_read_only_file_system_is_cache_not_writable(env, server, monkeypatch, pth, where, err):
+    """A read-only file system raises a plain OSError (EROFS), not a PermissionError."""
+    url = server.add("/rofs/model.pth", Route(pth["ref"]))
+    if where == "mkdir":
+        real = os.mkdir
+
+        def mkdir(path, *args, **kwargs):
+            if str(env) in os.fspath(path):
+                raise OSError(err, os.strerror(err), path)
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+    else:
+        _fail_binary_writes(monkeypatch, err)
+    with pytest.raises(CacheNotWritableError) as e:
+        _load(url)
+    assert str(env / "torch") in str(e.value) and "TORCH_HOME" in str(e.value)
+    assert server.gets["/rofs/model.pth"] == (0 if where == "mkdir" else 1)
+    assert _files(env / "torch") == []
+
+
+@pytest.mark.parametrize("err", [errno.EROFS, errno.ENOSPC])
+def test_6_a_hub_cache_that_cannot_be_written_names_it(env, server, monkeypatch, st, err):
+    """huggingface_hub's cache writes fail raw; simulated as it fails: a partial written, then the error."""
+    import huggingface_hub
+
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])
+    calls = []
+
+    def fails(**kwargs):
+        calls.append(kwargs)
+        blobs = env / "hf" / "hub" / f"models--timm--{TINY}.fb_in1k" / "blobs"
+        blobs.mkdir(parents=True, exist_ok=True)
+        (blobs / "0123abcd.f1f7ff55.incomplete").write_bytes(b"half a file")
+        raise OSError(err, os.strerror(err), str(blobs))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fails)
+    expected = CacheNotWritableError if err == errno.EROFS else DownloadError
+    with pytest.raises(expected) as e:
+        _load(f"hf-hub:{HUB_REPO}")
+    msg = str(e.value)
+    assert str(env / "hf" / "hub") in msg and "HF_HUB_CACHE" in msg and "network" not in msg
+    assert ("Free space" in msg) == (err == errno.ENOSPC)
+    assert len(calls) == 1 and _partials(env) == []
+
+
+@pytest.mark.parametrize("cached", [("pytorch_model.bin", "config.json"), ("model.safetensors",)])
+def test_6_a_cached_hub_id_loads_while_the_hub_is_unreachable(env, server, monkeypatch, st, models, cached):
+    """Like offline: the first weights file of the repository that is cached, and config.json only if cached."""
+    buf = io.BytesIO()
+    torch.save(models["ref"].state_dict(), buf)
+    bodies = {"pytorch_model.bin": buf.getvalue(), "model.safetensors": st["ref"]}
+    bodies["config.json"] = b'{"architecture": "deit_tiny_patch16_224"}'
+    for filename in cached:
+        server.add_hub_file("facebook/cached", "main", COMMIT, filename, bodies[filename])
+    assert _equal(_load("hf-hub:facebook/cached"), models["ref"])
+    with socket.socket() as s:  # the Hub goes down: a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
+    start = time.monotonic()
+    assert _equal(_load("hf-hub:facebook/cached"), models["ref"])
+    with pytest.raises(
+        HubUnreachableError, match="cannot connect to the Hub .*hf-hub:facebook/never.* no weights"
+    ):
+        _load("hf-hub:facebook/never")
+    assert time.monotonic() - start < 2.0
+
+
+def test_6_huggingface_hub_imported_offline_is_named(env, server, monkeypatch, st, pth):
+    """huggingface_hub reads HF_HUB_OFFLINE once, at import; unset later, it still refuses every request.
+    Its cache still serves, a miss says to restart the process, and the default order uses the official file."""
+    server.add_hub_file("facebook/cached", "main", COMMIT, "model.safetensors", st["ref"])
+    weights.download(TINY, "hf-hub:facebook/cached", progress=False)
+    server.add_hub_file(HUB_REPO, "main", COMMIT, "model.safetensors", st["ref"])  # on the Hub, not cached
+    official = _official(monkeypatch, server, pth["other"])
+    code = textwrap.dedent(
+        f"""
+        import dataclasses, os, warnings
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        from huggingface_hub import hf_hub_download  # as timm or transformers do, imported first
+        del os.environ["HF_HUB_OFFLINE"]
+        from deit_registry.errors import OfflineError
+        from deit_registry.variants import VARIANTS
+        from deit_registry.weights import sources
+        v = VARIANTS["{TINY}"]
+        name = "{VARIANTS[TINY].weights.file_name}"
+        VARIANTS["{TINY}"] = dataclasses.replace(v, weights=dataclasses.replace(v.weights, file_name=name))
+        print("hit", sources.resolve("{TINY}", "hf-hub:facebook/cached", progress=False))
+        try:
+            sources.resolve("{TINY}", "hf-hub:{HUB_REPO}", progress=False)
+        except OfflineError as e:
+            print("miss", e)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            print("default", sources.resolve("{TINY}", None, progress=False))
+        print("warned", " | ".join(str(x.message) for x in w))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert "models--facebook--cached/snapshots" in lines["hit"]
+    assert "imported in offline mode" in lines["miss"] and "Restart the process without" in lines["miss"]
+    assert lines["default"].endswith(VARIANTS[TINY].weights.file_name)
+    assert "imported in offline mode" in lines["warned"]
+    assert server.gets[_hub_path()] == 0 and server.gets[official] == 1
+
+
+@pytest.mark.parametrize("how", ["swapped", "no record"])
+def test_6_offline_a_damaged_url_cache_entry_is_named_and_kept(env, server, monkeypatch, pth, models, how):
+    url = server.add("/dmg/model.pth", Route(pth["ref"]))
+    _load(url)
+    cached = cache_path(url)
+    if how == "swapped":
+        cached.write_bytes(pth["other"])  # same size, other weights
+    else:
+        cached.with_name(cached.name + RECORD_SUFFIX).unlink()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OfflineError, match="is damaged") as e:
+        _load(url)
+    msg = str(e.value)
+    assert str(cached) in msg and "kept" in msg and "not cached" not in msg and "Unset offline mode" in msg
+    assert cached.is_file()
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # online once: replaced
+    with pytest.warns(UserWarning, match="deleted and will be downloaded again"):
+        assert _equal(_load(url), models["ref"])
+
+
+def test_6_offline_a_damaged_official_copy_is_named_not_called_missing(env, server, monkeypatch, pth):
+    _official(monkeypatch, server, pth["ref"])
+    checkpoints = env / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    damaged = checkpoints / VARIANTS[TINY].weights.file_name
+    damaged.write_bytes(pth["other"])  # fails the hash in its name
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OfflineError) as e:
+        _load()
+    msg = str(e.value)
+    assert (
+        f"{damaged} is damaged" in msg and "does not start with" in msg and f"copy it to {damaged}" not in msg
+    )
+    assert f"hf-hub:{HUB_REPO}" in msg and damaged.is_file() and sum(server.gets.values()) == 0
+
+
+def test_6_a_url_file_name_too_long_to_cache_is_refused(env, server, pth, models):
+    """A legal name whose partial, lock or record file would exceed the file system's name limit."""
+    name_max = os.pathconf(env, "PC_NAME_MAX")
+    longest = name_max - len(".deit-12345678.partial")  # the longest name whose partial file fits
+    ok = server.add("/long/" + "w" * (longest - 4) + ".pth", Route(pth["ref"]))
+    assert _equal(_load(ok), models["ref"])
+    for n in (longest + 1, name_max):
+        path = "/long/" + "w" * (n - 4) + ".pth"
+        url = server.add(path, Route(pth["ref"]))
+        with pytest.raises(InvalidSourceError, match="too long to cache.*weights=PATH"):
+            _load(url)
+        assert server.gets[path] == 0 and not cache_path(url).parent.exists()
+
+
+@pytest.mark.parametrize("root", ["mirror.example/deit/", "http:///deit/"])
+def test_6_url_root_must_be_a_url(env, server, monkeypatch, root):
+    monkeypatch.setenv("DEIT_REGISTRY_URL_ROOT", root)
+    start = time.monotonic()
+    with pytest.raises(InvalidSourceError, match="DEIT_REGISTRY_URL_ROOT"):
+        _load()
+    assert time.monotonic() - start < 1.0 and sum(server.gets.values()) == 0
+
+
+def test_6_an_empty_url_root_is_unset_and_a_file_url_root_works(env, server, monkeypatch, pth, models):
+    monkeypatch.setenv("DEIT_REGISTRY_URL_ROOT", "")
+    assert sources.official_url(VARIANTS[TINY]) == OFFICIAL_URL_ROOT + VARIANTS[TINY].weights.file_name
+    name = Path(_official(monkeypatch, server, pth["ref"])).name  # the Hub stand-in lacks it
+    mirror = env / "mirror"
+    mirror.mkdir()
+    (mirror / name).write_bytes(pth["ref"])
+    monkeypatch.setenv("DEIT_REGISTRY_URL_ROOT", mirror.as_uri() + "/")
+    with pytest.warns(UserWarning, match="using the official file"):
+        assert _equal(_load(), models["ref"])
+    assert (env / "torch" / "hub" / "checkpoints" / name).is_file()
+
+
+@pytest.mark.parametrize("url", ["{root}/a b/model.pth", "{root}:x/model.pth", "/no/scheme/model.pth"])
+def test_6_a_url_urllib_cannot_request_is_invalid_not_retried(env, server, url):
+    url = url.format(root=server.root)
+    start = time.monotonic()
+    with pytest.raises(InvalidSourceError):
+        urlfetch.fetch_url(url, progress=False)
+    assert time.monotonic() - start < 1.0 and sum(server.gets.values()) == 0

@@ -50,11 +50,34 @@ _TRANSFORMERS_RENAMES = (
     (re.compile(r"^distillation_classifier\."), "head_dist."),
     (re.compile(r"^classifier\."), "head."),
 )
+# transformers 5 names its modules anew in memory (``state_dict()``; its save_pretrained writes the names above):
+# mapped onto those first.
+_TRANSFORMERS_5 = (
+    (re.compile(r"^layers\.(\d+)\.attention\.([qkv])_proj\."), None),
+    (re.compile(r"^layers\.(\d+)\.attention\.o_proj\."), r"encoder.layer.\1.attention.output.dense."),
+    (re.compile(r"^layers\.(\d+)\.mlp\.fc1\."), r"encoder.layer.\1.intermediate.dense."),
+    (re.compile(r"^layers\.(\d+)\.mlp\.fc2\."), r"encoder.layer.\1.output.dense."),
+    (re.compile(r"^layers\.(\d+)\."), r"encoder.layer.\1."),
+)
+_QKV_5 = {"q": "query", "k": "key", "v": "value"}
 _QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
 
 
 def is_transformers_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    return any(k.startswith(("deit.", "vit.", "embeddings.", "encoder.layer.")) for k in state_dict)
+    return any(
+        k.startswith(("deit.", "vit.", "embeddings.", "encoder.layer.", "layers.")) for k in state_dict
+    )
+
+
+def _from_transformers_5(key: str) -> str:
+    for pattern, repl in _TRANSFORMERS_5:
+        m = pattern.match(key)
+        if m:
+            if repl is None:  # q_proj -> attention.attention.query
+                rest = key[m.end() :]
+                return f"encoder.layer.{m.group(1)}.attention.attention.{_QKV_5[m.group(2)]}.{rest}"
+            return pattern.sub(repl, key, count=1)
+    return key
 
 
 def to_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -68,6 +91,7 @@ def to_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
             if key.startswith(prefix):
                 key = key[len(prefix) :]
                 break
+        key = _from_transformers_5(key)
         if _DROPPED.match(key):
             continue
         m = _QKV.match(key)
@@ -108,6 +132,27 @@ def config_norm_eps(config: Mapping[str, Any] | None, where: str | Path = "confi
             f"transformers' configs); got {value!r}. Fix that value in config.json, or delete the key to use 1e-6"
         )
     return float(value)
+
+
+def check_config_architecture(config: Mapping[str, Any] | None, num_heads: int, where: str | Path) -> None:
+    """Refuse a config (transformers') whose attention heads or activation differ from the model's: neither
+    shows in the weights' shapes, so the load would succeed and give other outputs."""
+    if not config:
+        return
+    heads = config.get("num_attention_heads")
+    if heads is not None and heads != num_heads:
+        raise CheckpointMismatchError(
+            f"{where} says num_attention_heads={heads!r} but the model has {num_heads} heads: the weights would "
+            f"load and give other outputs. Nothing was loaded; create the model with num_heads={heads!r}, or fix "
+            f"config.json if it is wrong"
+        )
+    act = config.get("hidden_act")
+    if act is not None and act != "gelu":
+        raise CheckpointMismatchError(
+            f"{where} says hidden_act={act!r}, but DeiT uses the exact GELU ('gelu'): the weights would load and "
+            f"give other outputs. Nothing was loaded; run the model it was trained as (in transformers), or fix "
+            f"config.json if it is wrong"
+        )
 
 
 def check_tensors(state_dict: Mapping[str, Any], file: str | Path) -> None:
@@ -183,17 +228,45 @@ def guess_variant(state_dict: Mapping[str, torch.Tensor], num_heads: int | None 
     return (native or matches)[0].name if matches else None
 
 
-def _grid_of(config: Mapping[str, Any] | None, num_patches: int) -> tuple[int, int] | None:
-    """The checkpoint's patch grid: from its config (transformers or timm) if it says, else a square."""
-    if config:
-        size = config.get("image_size") or (config.get("pretrained_cfg") or {}).get("input_size")
-        patch = config.get("patch_size", 16)
-        if isinstance(size, (list, tuple)) and len(size) == 3:
-            size = size[1:]
-        if size is not None:
-            h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-            if (h // patch) * (w // patch) == num_patches:
-                return h // patch, w // patch
+def config_grid(
+    config: Mapping[str, Any] | None, num_patches: int, where: str | Path = "config.json"
+) -> tuple[int, int] | None:
+    """The patch grid the checkpoint's config states (transformers' ``image_size`` and ``patch_size``, timm's
+    ``pretrained_cfg.input_size``), if it states one of ``num_patches`` patches; raises
+    :class:`CorruptCheckpointError` for values of the wrong type."""
+    if not config:
+        return None
+    cfg = config.get("pretrained_cfg")
+    if cfg is not None and not isinstance(cfg, Mapping):
+        raise _bad_config(where, "pretrained_cfg", cfg, "an object")
+    size = config.get("image_size") or (cfg or {}).get("input_size")
+    patch = config.get("patch_size", 16)
+    if not _positive_int(patch):
+        raise _bad_config(where, "patch_size", patch, "a positive integer")
+    if size is None:
+        return None
+    if isinstance(size, (list, tuple)) and len(size) == 3:
+        size = size[1:]
+    if _positive_int(size):
+        size = (size, size)
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(map(_positive_int, size))):
+        raise _bad_config(where, "image_size", size, "a positive integer or [height, width]")
+    grid = (size[0] // patch, size[1] // patch)
+    return grid if grid[0] * grid[1] == num_patches else None
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _bad_config(where: str | Path, key: str, value: Any, want: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{where}: {key} must be {want}, got {value!r}. Fix that value in config.json, or delete the key"
+    )
+
+
+def square_grid(num_patches: int) -> tuple[int, int] | None:
+    """The square grid of ``num_patches`` patches (the official checkpoints'), if there is one."""
     side = math.isqrt(num_patches)
     return (side, side) if side * side == num_patches else None
 
@@ -231,10 +304,15 @@ def adapt(
 
     prefix = 2 if model_distilled else 1
     pos, want_pos = sd.get("pos_embed"), expected.get("pos_embed")
-    if pos is not None and want_pos is not None and pos.dim() == 3 and pos.shape[1] != want_pos.shape[1]:
-        old_grid = _grid_of(config, pos.shape[1] - prefix)
-        if old_grid is not None and pos.shape[2] == want_pos.shape[2]:
-            sd["pos_embed"] = resample_pos_embed(pos, tuple(grid_size), old_grid, prefix)
+    if pos is not None and want_pos is not None and pos.dim() == 3 and pos.shape[2] == want_pos.shape[2]:
+        where = Path(file).parent / "config.json"
+        # The same number of positions is the model's grid unless the config says otherwise: a 16x20 grid
+        # loaded at 20x16 must be resampled, a checkpoint without a config taken as it is.
+        stated = config_grid(config, pos.shape[1] - prefix, where)
+        if pos.shape[1] != want_pos.shape[1] or (stated is not None and stated != tuple(grid_size)):
+            old_grid = stated or square_grid(pos.shape[1] - prefix)
+            if old_grid is not None:
+                sd["pos_embed"] = resample_pos_embed(pos, tuple(grid_size), old_grid, prefix)
 
     key = "patch_embed.proj.weight"
     w, want_w = sd.get(key), expected.get(key)
@@ -289,6 +367,17 @@ def _fit_heads(
     )
     if fits:
         return {"mask_token"} & set(model_head) - set(sd)
+    one_head = all(k.startswith("head.") for k in ckpt_head)
+    if ckpt_head and one_head and "head_dist.weight" in model_head and "dist_token" in sd:
+        if all(
+            k in model_head and tuple(v.shape) == tuple(model_head[k].shape) for k, v in ckpt_head.items()
+        ):
+            raise CheckpointMismatchError(
+                f"{file} has one classifier, on the class token, beside its distillation token (as transformers' "
+                f"DeiTForImageClassification), where the model has a class and a distillation head. Nothing was "
+                f"loaded; create the model with head='classifier' to load it as saved, or with another "
+                f"num_classes to fine-tune new heads"
+            )
     for k in ckpt_head:
         del sd[k]
     if not ckpt_head:  # a backbone-only checkpoint: the model's classifier stays random, which must be said
@@ -343,11 +432,15 @@ def validate(
     target = f"the model ({model_name})" if model_name else "the model"
     if shapes:
         what = f"{len(shapes)} shape mismatch(es), e.g. {'; '.join(shapes[:3])}"
-        fix = (
-            f"it looks like {guess}: create that model instead"
-            if guess and guess != model_name
-            else "create the model whose sizes match the checkpoint (embed_dim, depth, patch_size)"
-        )
+        if guess and guess != model_name:
+            fix = f"it looks like {guess}: create that model instead"
+        elif shapes[0].startswith("pos_embed:") and len(shapes) == 1:
+            fix = (
+                "its position embedding is no square grid and no config.json beside it gives its image size: "
+                "create the model with the img_size it was trained at, img_size=(height, width)"
+            )
+        else:
+            fix = "create the model whose sizes match the checkpoint (embed_dim, depth, patch_size)"
     else:
         parts = []
         if missing:

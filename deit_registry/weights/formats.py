@@ -4,12 +4,13 @@
   rewriting or truncating the file later cannot change or crash a loaded model), never runs code;
 * zip-serialised torch files (``.pth``/``.bin``, the official checkpoints) and legacy pickles - with
   ``torch.load(weights_only=True, mmap=False)``, which refuses any pickle that would run code; a pickle cut
-  short is reported as corrupt, not as unsafe;
+  short is reported as corrupt, not as unsafe; a zip member whose CRC-32 fails (a flipped bit) too;
 * a folder - its ``model.safetensors`` (preferred) or ``pytorch_model.bin`` / ``*.pth``, plus ``config.json``
   (transformers' or timm's) when present;
 * wrappers - the official files keep the weights under ``model``; training checkpoints of the original
   repository also carry ``optimizer``, ``lr_scheduler``, ``model_ema``, ``args``...: ``model`` is used, or
-  ``model_ema`` with ``ema=True``; timm's ``train.py`` saves ``state_dict`` and ``state_dict_ema``. A ``module.`` prefix (DistributedDataParallel) is removed.
+  ``model_ema`` with ``ema=True``; timm's ``train.py`` saves ``state_dict`` and ``state_dict_ema``. A
+  ``module.`` (DistributedDataParallel) or ``_orig_mod.`` (``torch.compile``) prefix is removed.
 
 ::
 
@@ -20,6 +21,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -155,8 +157,10 @@ def _read_json(file: Path) -> dict[str, Any] | None:
         data = json.loads(file.read_text(encoding="utf-8"))
     except PermissionError as e:
         raise _unreadable(file) from e
-    except (OSError, ValueError) as e:
-        raise CorruptCheckpointError(f"{file} is not valid JSON ({e}); fix or delete it") from e
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nesting deeper than json can parse
+        raise CorruptCheckpointError(
+            f"{file} is not valid JSON ({type(e).__name__}: {e}); fix or delete it"
+        ) from e
     return data if isinstance(data, dict) else None
 
 
@@ -197,16 +201,24 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
                 raise bad(f"header of {n} bytes in a {size}-byte file")
             try:
                 header = json.loads(f.read(n))
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise bad(f"header is not JSON: {e}") from e
             if not isinstance(header, dict):
                 raise bad("header is not a JSON object")
             base = 8 + n
             out: dict[str, torch.Tensor] = {}
+            spans: list[tuple[int, int, str]] = []
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
                 out[name] = _read_range(f, name, info, base, size, bad)
+                start, end = info["data_offsets"]
+                spans.append((int(start), int(end), name))
+            # As the library checks: two tensors over the same bytes would load as one, silently.
+            spans.sort()
+            for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+                if start < end:
+                    raise bad(f"entries {first!r} and {second!r} overlap")
             return out
     except PermissionError as e:
         raise _unreadable(file) from e
@@ -255,8 +267,17 @@ def _read_torch(file: Path, fmt: str) -> Any:
     # else; weights_only=True refuses every other global, so no code from the file ever runs. mmap=False: the
     # tensors are read into memory the model owns (a memory map would tie the model to the file).
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(file, map_location="cpu", weights_only=True, mmap=False)
+        if fmt == "torch-zip":
+            _refuse_torchscript(file)
+        # The CRC check reads the file beside torch.load, in a thread (zlib releases the GIL): no added wait.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            damaged = pool.submit(_damaged_member, file) if fmt == "torch-zip" else None
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                raw = torch.load(file, map_location="cpu", weights_only=True, mmap=False)
+            bad = damaged.result() if damaged else None
+        if bad is not None:
+            raise _corrupt(file, zipfile.BadZipFile(f"member {bad} fails its CRC-32 check"))
+        return raw
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
             if not _pickle_complete(file, fmt):  # a stream cut inside a name looks like an unknown global
@@ -283,6 +304,24 @@ def _read_torch(file: Path, fmt: str) -> Any:
         struct.error,
     ) as e:
         raise _corrupt(file, e) from e
+
+
+def _refuse_torchscript(file: Path) -> None:
+    """A ``torch.jit.save`` archive (``constants.pkl``, ``code/``) holds a program: say so, where
+    ``weights_only`` would only refuse it as unsafe globals."""
+    with zipfile.ZipFile(file) as z:
+        if any(n.endswith("/constants.pkl") for n in z.namelist()):
+            raise CorruptCheckpointError(
+                f"{file} is a TorchScript archive (torch.jit.save), which holds a program, not a state dict. "
+                f"If you trust it, load it with torch.jit.load and save its state_dict() with torch.save"
+            )
+
+
+def _damaged_member(file: Path) -> str | None:
+    """The first member of a zip torch file whose CRC-32 fails, else None: ``torch.load`` never checks them,
+    so a flipped bit in a tensor would load silently (``testzip`` reads every member once)."""
+    with zipfile.ZipFile(file) as z:
+        return z.testzip()
 
 
 def _pickle_complete(file: Path, fmt: str) -> bool:
@@ -361,6 +400,7 @@ def unwrap(raw: Any, file: Path, ema: bool = False) -> tuple[dict[str, torch.Ten
             f"{file} holds no tensors under {', '.join(WRAPPER_KEYS)} or at the top level (keys: "
             f"{sorted(map(str, raw))[:10]}); it is not a model checkpoint"
         )
-    if all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
+    for prefix in ("module.", "_orig_mod."):  # DistributedDataParallel, then torch.compile
+        if all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
     return state_dict, extra

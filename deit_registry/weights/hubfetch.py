@@ -25,6 +25,7 @@ from pathlib import Path
 from ..errors import (
     CheckpointNotFoundError,
     DownloadError,
+    HubUnreachableError,
     InvalidSourceError,
     MissingDependencyError,
     OfflineError,
@@ -52,6 +53,27 @@ def require() -> None:
         )
 
 
+def imported_offline() -> bool:
+    """Whether huggingface_hub was imported in offline mode: it reads ``HF_HUB_OFFLINE`` once, at import
+    (its public ``constants``), and then refuses every request of the process, whatever the variable says now."""
+    from huggingface_hub import constants
+
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def offline_reason() -> tuple[str, str]:
+    """Why a Hub call is offline, and what makes it download: for the messages of a cache miss."""
+    from .urlfetch import is_offline
+
+    if is_offline():
+        return "offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE)", "Unset offline mode once"
+    return (
+        "huggingface_hub was imported in offline mode (HF_HUB_OFFLINE=1 at import; it makes no request in "
+        "this process)",
+        "Restart the process without HF_HUB_OFFLINE=1",
+    )
+
+
 def endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
@@ -66,6 +88,13 @@ def cache_dir() -> str | None:
     if os.environ.get("HF_HOME"):
         return os.path.join(os.environ["HF_HOME"], "hub")
     return None
+
+
+def hub_cache() -> Path:
+    """The Hugging Face cache folder in use (:func:`cache_dir`, else huggingface_hub's default)."""
+    from huggingface_hub import constants
+
+    return Path(cache_dir() or constants.HF_HUB_CACHE)
 
 
 def split_hub_id(hub_id: str) -> tuple[str, str | None]:
@@ -119,8 +148,10 @@ def fetch(
     """``filename`` of ``repo`` through huggingface_hub, within ``deadline``.
 
     Returns None if the repository lacks the file and ``missing_ok``. Raises :class:`OfflineError` (offline,
-    not cached), :class:`DownloadError` (unreachable, HTTP error, past the deadline),
-    :class:`CheckpointNotFoundError` (no such repository, revision or file) or :class:`InvalidSourceError`.
+    or huggingface_hub imported offline, and not cached), :class:`HubUnreachableError` (no connection, not
+    cached), :class:`DownloadError` (HTTP error, past the deadline, a full cache),
+    :class:`CheckpointNotFoundError` (no such repository, revision or file), :class:`InvalidSourceError` or
+    :class:`CacheNotWritableError`.
     """
     require()
     from huggingface_hub import hf_hub_download
@@ -138,14 +169,15 @@ def fetch(
     deadline = deadline or Deadline(netlimits.download_timeout())
     where = f"hf-hub:{repo}" + (f"@{revision}" if revision else "")
     host = urllib.parse.urlparse(endpoint()).netloc
-    offline = is_offline()
+    # huggingface_hub imported offline refuses every request: only its cache can serve, as offline
+    offline = is_offline() or imported_offline()
     if not offline and not reachable(deadline.left()):
         cached = cached_file(repo, filename, revision)
         problem = damage(cached, filename, where) if cached is not None else None
         if cached is not None and problem is None:
             return cached
         state = "it is not cached" if cached is None else f"its cached copy {cached} is damaged ({problem})"
-        raise DownloadError(
+        raise HubUnreachableError(
             f"cannot connect to the Hub at {host} to fetch {filename} of {where}, and {state}. {FIXES}"
         )
 
@@ -200,9 +232,10 @@ def fetch(
             ) from e
         except LocalEntryNotFoundError as e:  # offline, or the Hub could not be reached, and not cached
             if offline:
+                why, fix = offline_reason()
                 raise OfflineError(
-                    f"offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE) and {filename} of {where} is not in the "
-                    f"Hugging Face cache. Unset offline mode once to download it, or pass weights=PATH"
+                    f"{why} and {filename} of {where} is not in the Hugging Face cache. {fix} to download it, or "
+                    f"pass weights=PATH"
                 ) from e
             raise DownloadError(
                 f"could not reach the Hub at {host} for {filename} of {where}: {e}. {FIXES}"
@@ -216,9 +249,12 @@ def fetch(
                 f"{where}: {type(e).__name__}: the repository or revision does not exist (or needs a token: "
                 f"`hf auth login` or HF_TOKEN). Check the id, e.g. 'hf-hub:timm/deit_tiny_patch16_224.fb_in1k'"
             ) from e
-        except PermissionError as e:
-            raise netlimits.not_writable(cache_dir() or "the Hugging Face cache (HF_HOME)", e) from e
         except (HfHubHTTPError, OSError, *_transport_errors()) as e:
+            # huggingface_hub's cache writes fail raw: a read-only cache, a full disk (never retried)
+            written = netlimits.cache_write_error(hub_cache(), e) if isinstance(e, OSError) else None
+            if written is not None:
+                clean_partials(repo)  # what the failed write left
+                raise written from e
             raise DownloadError(
                 f"fetching {filename} of {where} from {host} failed: {type(e).__name__}: {e}. {FIXES}"
             ) from e
@@ -229,9 +265,10 @@ def fetch(
     if problem is None:
         return path
     if offline:  # nothing can replace it here: it stays, and the error says what is wrong
+        why, fix = offline_reason()
         raise OfflineError(
-            f"offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE) and the cached {filename} of {where} ({path}) "
-            f"is damaged ({problem}). Unset offline mode once to download it again, or pass weights=PATH"
+            f"{why} and the cached {filename} of {where} ({path}) is damaged ({problem}). {fix} to download it "
+            f"again, or pass weights=PATH"
         )
     if path == hit:  # a damaged hit: downloaded again, taking its place in one rename under huggingface_hub's
         # lock, so that a concurrent loader never finds it missing (removing it first would race them)
@@ -333,10 +370,9 @@ def clean_partials(repo: str) -> None:
 
     try:
         from filelock import FileLock, Timeout
-        from huggingface_hub import constants
         from huggingface_hub.file_download import repo_folder_name
 
-        root = Path(cache_dir() or constants.HF_HUB_CACHE)
+        root = hub_cache()
         folder = repo_folder_name(repo_id=repo, repo_type="model")
         for partial in (root / folder / "blobs").glob("*.incomplete"):
             lock = FileLock(str(root / ".locks" / folder / (partial.name.split(".")[0] + ".lock")), timeout=0)

@@ -94,6 +94,8 @@ def load_pretrained(
     opts.update(options or {})
     skeleton = _skeleton(opts)  # before any byte moves
     state_dict, file, config = _read(source, variant, progress, ema)
+    if source is None and config is None:  # the published file is at the variant's size, whatever its grid
+        config = {"image_size": variant.arch.img_size, "patch_size": variant.arch.patch_size}
     eps = _config_eps(config, file)
     if eps is not None and "norm_eps" not in (options or {}):
         opts["norm_eps"] = eps
@@ -122,6 +124,9 @@ def _adapt_and_validate(
 ) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Fit ``state_dict`` to ``model`` (heads, position embedding, channels, tokens) and check all of it before
     anything is copied, so a failure leaves the model untouched. Returns it with the keys left fresh."""
+    conversion.check_config_architecture(
+        config, model.blocks[0].attn.num_heads, Path(file).parent / "config.json"
+    )
     expected = model.state_dict()
     state_dict, fresh = conversion.adapt(
         state_dict,
@@ -160,15 +165,19 @@ def _cast(
 
 def _own_memory(state_dict: dict[str, torch.Tensor], source: Source) -> dict[str, torch.Tensor]:
     """``state_dict`` with every tensor in memory of its own, for a new model to take as its parameters:
-    a tensor of the caller's state dict (often another model's parameters) or one sharing memory with an
-    earlier key (tied in the checkpoint) is copied, as ``load_state_dict`` without ``assign`` would."""
+    a tensor of the caller's state dict (often another model's parameters), one sharing memory with an
+    earlier key (tied in the checkpoint) or a non-contiguous one (an expanded tensor saved as it was has
+    elements sharing memory, which every in-place update refuses) is copied, as ``load_state_dict`` without
+    ``assign`` would."""
     taken = set()
     if isinstance(source, Mapping):
         taken = {t.untyped_storage().data_ptr() for t in source.values() if isinstance(t, torch.Tensor)}
     out = {}
     for key, t in state_dict.items():
         ptr = t.untyped_storage().data_ptr()
-        out[key] = t.clone() if ptr in taken else t
+        out[key] = (
+            t.clone(memory_format=torch.contiguous_format) if ptr in taken or not t.is_contiguous() else t
+        )
         taken.add(ptr)
     return out
 
@@ -194,6 +203,13 @@ def load_checkpoint(
     if source is None:
         raise ValueError(
             "load_checkpoint needs a source: a file, folder, URL, 'hf-hub:owner/repo' or state dict"
+        )
+    if not isinstance(model, DeiT) and isinstance(getattr(model, "module", None), DeiT):
+        model = model.module  # DistributedDataParallel, DataParallel: their documented wrapped module
+    if not isinstance(model, DeiT):
+        raise CheckpointMismatchError(
+            f"load_checkpoint loads into a deit_registry DeiT, not a {type(model).__name__}: load into the model "
+            f"before torch.compile or optimize_for_inference (and run those again), or pass the DeiT it wraps"
         )
     if any(t.is_meta for t in model.state_dict().values()):
         raise CheckpointMismatchError(

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
+import math
 import os
 import sys
 import threading
@@ -23,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from ..errors import CacheNotWritableError, DownloadError
+from ..errors import CacheNotWritableError, DownloadError, WeightsError
 
 T = TypeVar("T")
 
@@ -45,8 +47,8 @@ def _env_float(name: str, default: float) -> float:
         value = float(text)
     except ValueError:
         raise ValueError(f"{name}={text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ValueError(f"{name}={text!r} must be positive")
+    if not math.isfinite(value) or value <= 0:  # nan would disable every deadline, inf overflows them
+        raise ValueError(f"{name}={text!r} must be a positive, finite number of seconds")
     return value
 
 
@@ -65,7 +67,7 @@ def retries() -> int:
     text = os.environ.get("DEIT_REGISTRY_RETRIES", "").strip()
     if not text:
         return DEFAULT_RETRIES
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # isdigit alone takes "²", which int() refuses
         raise ValueError(f"DEIT_REGISTRY_RETRIES={text!r} must be a whole number >= 0")
     return int(text)
 
@@ -116,7 +118,9 @@ def file_lock(path: Path, deadline: Deadline, what: str) -> Iterator[None]:
     runs. Waiting is bounded: a holder is itself bounded by its deadline, so after twice ours we give up."""
     give_up = time.monotonic() + 2 * deadline.seconds + 5
     ensure_writable(path.parent)
-    with open(path, "a+b") as handle:
+    with writing_cache(path.parent):
+        handle = open(path, "a+b")
+    with handle:
         while not _try_lock(handle):
             if time.monotonic() > give_up:
                 raise DownloadError(
@@ -163,19 +167,53 @@ def _unlock(handle) -> None:
 
 def ensure_writable(directory: Path) -> None:
     """Create ``directory``; a read-only cache raises :class:`CacheNotWritableError` naming it and the fix."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
+    with writing_cache(directory):
+        os.makedirs(directory, exist_ok=True)
         if not os.access(directory, os.W_OK):
-            raise PermissionError(13, "not writable", str(directory))
-    except PermissionError as e:
-        raise not_writable(directory, e) from e
+            raise PermissionError(errno.EACCES, "not writable", str(directory))
+
+
+# A read-only file system (EROFS) raises a plain OSError, not a PermissionError; a full disk or quota is no
+# network fault, and would fail again on every retry.
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+_NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+_CACHE_FIXES = (
+    "TORCH_HOME (torch.hub's cache, official files and URLs), HF_HUB_CACHE or HF_HOME (the Hugging Face "
+    "cache); or pass weights=PATH to a local file"
+)
+
+
+@contextlib.contextmanager
+def writing_cache(directory: Path | str) -> Iterator[None]:
+    """Writes into the cache ``directory`` inside the block: a read-only or full file system raises our error
+    naming the folder and the fix (:func:`cache_write_error`); any other error passes unchanged."""
+    try:
+        yield
+    except OSError as e:
+        error = cache_write_error(directory, e)
+        if error is None:
+            raise
+        raise error from e
+
+
+def cache_write_error(directory: Path | str, e: OSError) -> WeightsError | None:
+    """Our error for ``e``, raised by a write into the cache ``directory``; None if it is not a cache fault."""
+    if isinstance(e, WeightsError):
+        return None
+    if isinstance(e, PermissionError) or e.errno in _NOT_WRITABLE:
+        return not_writable(directory, e)
+    if e.errno in _NO_SPACE:
+        return DownloadError(
+            f"the weights cache {directory} has no space left ({e}); nothing was cached. Free space there, or "
+            f"point the cache at a folder with room: {_CACHE_FIXES}"
+        )
+    return None
 
 
 def not_writable(directory: Path | str, e: BaseException) -> CacheNotWritableError:
     return CacheNotWritableError(
         f"the weights cache {directory} is not writable ({e}). Point the cache at a writable folder: "
-        f"TORCH_HOME (torch.hub's cache, official files and URLs), HF_HUB_CACHE or HF_HOME (the Hugging Face "
-        f"cache); or pass weights=PATH to a local file"
+        f"{_CACHE_FIXES}"
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,9 @@ def timm_config(model: DeiT, variant: Variant) -> dict[str, Any]:
         model_args["in_chans"] = model.in_chans
     if model.global_pool != "token":
         model_args["global_pool"] = model.global_pool
+        # timm normalises after pooling by default where pooling is not the class token; ours pools the
+        # normalised tokens, which timm's fc_norm=False spells (its distilled class has only the token pool).
+        model_args["fc_norm"] = False
     classifier: Any = ["head", "head_dist"] if model.head_dist is not None else "head"
     config: dict[str, Any] = {
         "architecture": variant.name,
@@ -98,6 +102,13 @@ def save_pretrained(model: DeiT, directory: str | os.PathLike[str], name: str | 
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, directory / WEIGHTS_NAME)
     config = timm_config(model, variant)
+    if variant.arch.distilled and (model.global_pool != "token" or model.head_kind == "classifier"):
+        warnings.warn(
+            f"{directory}: timm's distilled DeiT has a class and a distillation head and pools the tokens, so "
+            f"timm cannot build this model (global_pool={model.global_pool!r}, head={model.head_kind!r}); "
+            f"deit_registry reads it with the same options (weights={str(directory)!r})",
+            stacklevel=2,
+        )
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return directory
 
@@ -146,8 +157,15 @@ def convert(
     path = sources.resolve(name, src)
     ckpt = formats.read_checkpoint(path, ema=ema)
     sd = conversion.to_official(ckpt.state_dict)
+    if "dist_token" in sd and "head.weight" in sd and "head_dist.weight" not in sd:
+        raise CheckpointMismatchError(
+            f"{path} has one classifier beside its distillation token (as transformers' "
+            f"DeiTForImageClassification); timm's distilled DeiT has two heads, so timm's layout cannot hold it. "
+            f"Load it with create_model(name, pretrained=True, weights=..., head='classifier') instead"
+        )
     if name is None:
-        name = conversion.guess_variant(sd)
+        heads = (ckpt.config or {}).get("num_attention_heads")
+        name = conversion.guess_variant(sd, num_heads=heads if isinstance(heads, int) else None)
         if name is None:
             raise CheckpointMismatchError(
                 f"cannot tell which DeiT variant {path} holds (no cls_token of a DeiT width); pass name= "
@@ -160,7 +178,9 @@ def convert(
     pos = sd.get("pos_embed")
     prefix = 2 if "dist_token" in sd else 1
     if pos is not None and pos.shape[1] - prefix != (variant.arch.img_size // variant.arch.patch_size) ** 2:
-        grid = conversion._grid_of(ckpt.config, pos.shape[1] - prefix)
+        grid = conversion.config_grid(ckpt.config, pos.shape[1] - prefix) or conversion.square_grid(
+            pos.shape[1] - prefix
+        )
         if grid is not None:
             options["img_size"] = (grid[0] * variant.arch.patch_size, grid[1] * variant.arch.patch_size)
     proj = sd.get("patch_embed.proj.weight")

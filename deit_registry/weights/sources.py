@@ -22,7 +22,6 @@ Every download is bounded in time (:mod:`.netlimits`) and validated before it ta
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
@@ -33,6 +32,8 @@ from pathlib import Path
 from ..errors import (
     CheckpointNotFoundError,
     DownloadError,
+    HubUnreachableError,
+    InvalidSourceError,
     MissingDependencyError,
     OfflineError,
 )
@@ -40,6 +41,7 @@ from ..variants import OFFICIAL_URL_ROOT, Variant, get_variant
 from . import hubfetch, urlfetch
 from .formats import WEIGHT_FILE_NAMES
 from .hubfetch import split_hub_id
+from .netlimits import FIXES
 from .urlfetch import cache_dir, fetch_url, is_offline
 
 __all__ = [
@@ -63,7 +65,13 @@ _fallback_warned: set[str] = set()
 
 def official_url(variant: Variant) -> str:
     """The variant's checkpoint URL; ``DEIT_REGISTRY_URL_ROOT`` replaces Meta's CDN (mirrors, tests)."""
-    root = os.environ.get("DEIT_REGISTRY_URL_ROOT", OFFICIAL_URL_ROOT)
+    root = os.environ.get("DEIT_REGISTRY_URL_ROOT", "").strip() or OFFICIAL_URL_ROOT  # "" is unset
+    parts = urllib.parse.urlparse(root)
+    if not ((parts.scheme in ("http", "https") and parts.hostname) or parts.scheme == "file"):
+        raise InvalidSourceError(
+            f"DEIT_REGISTRY_URL_ROOT={root!r} is not an http(s):// or file:// URL. Set it to the folder URL of "
+            f"a mirror of the official files, e.g. {OFFICIAL_URL_ROOT}, or unset it"
+        )
     return root.rstrip("/") + "/" + variant.weights.file_name
 
 
@@ -79,7 +87,7 @@ def cached_path(variant: Variant) -> Path:
         found = hubfetch.cached_file(hub_repo(variant), variant.weights.hf_hub_filename)
         if found is not None:
             return found
-    return urlfetch.cache_path(official_url(variant), shared=True)
+    return urlfetch.cache_dir() / variant.weights.file_name  # as fetch_url(shared=True); no root needed
 
 
 def is_cached(name: str | Variant) -> bool:
@@ -137,9 +145,11 @@ def default_weights(variant: Variant, progress: bool = True) -> Path:
                     url, hash_prefix=variant.weights.sha256_prefix, progress=progress, shared=True
                 )
             except OfflineError as e:
+                official = urlfetch.cache_path(url, shared=True)
+                if official.is_file():  # damaged: its own message says why and what to do
+                    raise OfflineError(f"{e} (the Hub copy was looked for first: {hub_error})") from e
                 raise OfflineError(
-                    f"the weights of {variant.name} are not in torch.hub's cache "
-                    f"({urlfetch.cache_path(url, shared=True)}) either: {hub_error}"
+                    f"the weights of {variant.name} are not in torch.hub's cache ({official}) either: {hub_error}"
                 ) from e
             if damaged:
                 warnings.warn(f"{variant.name}: {hub_error}; using torch.hub's copy {found}", stacklevel=3)
@@ -148,9 +158,10 @@ def default_weights(variant: Variant, progress: bool = True) -> Path:
         found = hubfetch.fetch(repo, variant.weights.hf_hub_filename, progress=progress)
         assert found is not None
         return found
-    except (DownloadError, CheckpointNotFoundError) as e:  # unreachable, stalled, 5xx, or no such file
+    # unreachable, stalled, 5xx, no such file; or huggingface_hub imported offline (OfflineError) and not cached
+    except (DownloadError, CheckpointNotFoundError, OfflineError) as e:
         reason = str(e).split(". ")[0]
-        unreachable = isinstance(e, DownloadError) and reason.startswith("cannot connect")
+        unreachable = isinstance(e, HubUnreachableError)
         # An unreachable Hub is the normal case behind a firewall: logged. A Hub that answers but fails is not:
         # warned, once per variant and process.
         if not unreachable and variant.name not in _fallback_warned:
@@ -180,30 +191,38 @@ def fetch_hf_hub(hub_id: str, progress: bool = True) -> Path:
 
     repo, revision = split_hub_id(hub_id)
     deadline = Deadline(download_timeout())
-    offline_miss: OfflineError | None = None
-    for filename in WEIGHT_FILE_NAMES:
+    # the first file that neither the Hub nor its cache gave
+    miss: OfflineError | HubUnreachableError | None = None
+
+    def fetch(filename: str) -> Path | None:
+        """The file; None if the repository lacks it, or (offline, the Hub unreachable) the cache does."""
+        nonlocal miss
         try:
-            weights = hubfetch.fetch(
+            return hubfetch.fetch(
                 repo, filename, revision, progress=progress, deadline=deadline, missing_ok=True
             )
-        except OfflineError as e:  # this one is not cached (another file of the repository may be) or damaged
-            if hubfetch.cached_file(repo, filename, revision) is not None:
+        except (OfflineError, HubUnreachableError) as e:
+            if hubfetch.cached_file(repo, filename, revision) is not None:  # cached but damaged: never loaded
                 raise
-            offline_miss = offline_miss or e
-            continue
+            miss = miss or e  # another file of the repository may be cached
+            return None
+
+    for filename in WEIGHT_FILE_NAMES:
+        weights = fetch(filename)
         if weights is not None:
-            # transformers' configs carry layer_norm_eps; timm's the architecture
-            with contextlib.suppress(OfflineError):  # offline and never fetched: the weights alone
-                hubfetch.fetch(
-                    repo, "config.json", revision, progress=progress, deadline=deadline, missing_ok=True
-                )
+            fetch("config.json")  # transformers' configs carry layer_norm_eps; timm's the architecture
             return weights.parent
-    if offline_miss is not None:
+    files = f"has no weights file ({', '.join(WEIGHT_FILE_NAMES)}) in the Hugging Face cache"
+    if isinstance(miss, HubUnreachableError):
+        host = urllib.parse.urlparse(hubfetch.endpoint()).netloc
+        raise HubUnreachableError(
+            f"cannot connect to the Hub at {host}, and hf-hub:{hub_id} {files}. {FIXES}"
+        ) from miss
+    if miss is not None:
+        why, fix = hubfetch.offline_reason()
         raise OfflineError(
-            f"offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE) and hf-hub:{hub_id} has no weights file "
-            f"({', '.join(WEIGHT_FILE_NAMES)}) in the Hugging Face cache. Unset offline mode once to download "
-            f"it, or pass weights=PATH"
-        ) from offline_miss
+            f"{why} and hf-hub:{hub_id} {files}. {fix} to download it, or pass weights=PATH"
+        ) from miss
     raise CheckpointNotFoundError(
         f"hf-hub:{hub_id} has none of {', '.join(WEIGHT_FILE_NAMES)}. Pass the URL of its weights file instead"
     )

@@ -18,6 +18,7 @@ loop below adds exactly those and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -41,6 +42,7 @@ from ..errors import (
     InvalidSourceError,
     OfflineError,
     UnsafeCheckpointError,
+    WeightsError,
 )
 from . import netlimits
 from .netlimits import FIXES, Deadline
@@ -50,6 +52,9 @@ from .netlimits import FIXES, Deadline
 HASH_IN_NAME = re.compile(r"-((?=[0-9]*[a-f])[a-f0-9]{8,64})\.[A-Za-z0-9]+$")
 RECORD_SUFFIX = ".deit-registry.json"
 PARTIAL_INFIX = ".deit-"  # our partial files: <file>.deit-<random>.partial
+# What the longest name made from a cached file's adds to it: a partial, <file>.deit-<8 random>.partial (mkstemp)
+LONGEST_SUFFIX = len(PARTIAL_INFIX) + 8 + len(".partial")
+NOT_CACHED = "it is not cached"  # _check_hit's answer when there is no file
 STALE_FOREIGN_PARTIAL_S = 3600.0  # torch.hub's <file>.<uuid>.partial: only removed once surely abandoned
 _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 
@@ -96,25 +101,67 @@ def fetch_url(
     url: str, hash_prefix: str | None = None, progress: bool = True, shared: bool | None = None
 ) -> Path:
     """The cached file of ``url``, downloaded once (locked, validated, recorded) if needed."""
+    _check_url(url)
     dst = cache_path(url, shared)
-    if _valid_hit(dst, url, hash_prefix, repair=False):
+    problem = _check_hit(dst, url, hash_prefix, repair=False)
+    if problem is None:
         return dst
     if is_offline():
-        # Only a name's hash vouches for a file copied into the cache by hand (_valid_hit); others need a path.
+        # Only a name's hash vouches for a file copied into the cache by hand (_check_hit); others need a path.
         copy = f"copy it to {dst} or " if hash_prefix else ""
+        if problem == NOT_CACHED:
+            raise OfflineError(
+                f"offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE) and {dst.name} is not cached in "
+                f"{dst.parent}. Unset offline mode, or download it elsewhere from {url} and {copy}pass "
+                f"weights=PATH"
+            )
+        replace = "copy a good copy over it or " if hash_prefix else ""
         raise OfflineError(
-            f"offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE) and {dst.name} is not cached in "
-            f"{dst.parent}. Unset offline mode, or download it elsewhere from {url} and {copy}pass weights=PATH"
+            f"offline mode (HF_HUB_OFFLINE / DEIT_REGISTRY_OFFLINE) and the cached {dst} is damaged ({problem}); "
+            f"it was kept. Unset offline mode once to have it downloaded again from {url}, or {replace}pass "
+            f"weights=PATH"
         )
+    _check_name_length(dst, url)
     deadline = Deadline(netlimits.download_timeout())
     netlimits.ensure_writable(dst.parent)
     with netlimits.file_lock(dst.parent / (dst.name + ".lock"), deadline, f"downloading {url}"):
         # Under the lock no live process of ours is writing this source: a hit is final, a bad one ours to fix.
-        if _valid_hit(dst, url, hash_prefix, repair=True):
+        if _check_hit(dst, url, hash_prefix, repair=True) is None:
             return dst
         clean_partials(dst)
         _download_with_retries(url, dst, hash_prefix, progress, deadline)
     return dst
+
+
+def _check_url(url: str) -> None:
+    """A URL urllib cannot even request (no scheme it knows, no host) is no network fault: never retried."""
+    try:
+        scheme, host = urllib.request.Request(url).type, urllib.parse.urlparse(url).hostname
+    except ValueError as e:  # unknown url type, a malformed host
+        raise InvalidSourceError(
+            f"{url!r} is not a URL deit_registry can download ({e}). Give an http(s):// URL of the weights "
+            f"file (check DEIT_REGISTRY_URL_ROOT), or pass weights=PATH to a local file"
+        ) from e
+    if scheme in ("http", "https") and not host:
+        raise InvalidSourceError(f"the URL {url!r} names no host. Give the URL of the weights file itself")
+
+
+def _check_name_length(dst: Path, url: str) -> None:
+    """Refuse a file name too long to download into the cache with the suffixes of its partial, lock and
+    record files (a raw ENAMETOOLONG otherwise); a hit placed by hand is still used."""
+    folder = dst.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows) or no answer
+        name_max = 255
+    if len(os.fsencode(dst.name)) + LONGEST_SUFFIX > name_max:
+        raise InvalidSourceError(
+            f"the file name of {url} is too long to cache: with the suffixes of its partial, lock and record "
+            f"files it exceeds the {name_max}-byte limit on file names in {dst.parent}. Download it yourself "
+            f"and pass weights=PATH, or serve it under a name of at most {name_max - LONGEST_SUFFIX} bytes"
+        )
 
 
 def is_offline() -> bool:
@@ -148,46 +195,47 @@ def _read_record(dst: Path) -> dict | None:
 
 def _write_record(dst: Path, url: str, size: int, sha256: str) -> None:
     data = json.dumps({"url": url, "size": size, "sha256": sha256, "stored": time.time()})
-    fd, tmp = tempfile.mkstemp(prefix=dst.name + PARTIAL_INFIX, suffix=".partial", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-        os.replace(tmp, record_path(dst))
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with netlimits.writing_cache(dst.parent):
+        fd, tmp = tempfile.mkstemp(prefix=dst.name + PARTIAL_INFIX, suffix=".partial", dir=dst.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(data)
+            os.replace(tmp, record_path(dst))
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
 
-def _valid_hit(dst: Path, url: str, hash_prefix: str | None, repair: bool) -> bool:
-    """Whether ``dst`` holds what was recorded when it was stored. With ``repair`` (under the lock) a file that
-    fails is deleted with a warning, and an official file placed by torch.hub/timm gets its record."""
+def _check_hit(dst: Path, url: str, hash_prefix: str | None, repair: bool) -> str | None:
+    """None if ``dst`` holds what was recorded when it was stored, else why not (:data:`NOT_CACHED`: no file).
+    With ``repair`` (under the lock) a file that fails is deleted with a warning, and an official file placed
+    by torch.hub/timm gets its record."""
     if not dst.is_file():
-        return False
+        return NOT_CACHED
     record = _read_record(dst)
     size, digest = dst.stat().st_size, sha256_of(dst)
-    prefix_ok = hash_prefix is None or digest.startswith(hash_prefix)
-    if record is not None:
-        ok = prefix_ok and record.get("size") == size and record.get("sha256") == digest
-        why = "its size or sha256 differs from the record written when it was stored"
+    if hash_prefix is not None and not digest.startswith(hash_prefix):
+        problem = f"its sha256 does not start with {hash_prefix}, the prefix in its name"
+    elif record is None:  # only a hash in the name vouches for an unrecorded file
+        problem = None if hash_prefix is not None else f"it has no record ({record_path(dst).name})"
+    elif record.get("size") != size or record.get("sha256") != digest:
+        problem = "its size or sha256 differs from the record written when it was stored"
     else:
-        ok = hash_prefix is not None and prefix_ok  # only a hash in the name vouches for an unrecorded file
-        why = f"its sha256 does not start with {hash_prefix}" if hash_prefix else "it has no record"
+        problem = None
     if not repair:
-        return ok
-    if ok:
+        return problem
+    if problem is None:
         if record is None:
             _write_record(dst, url, size, digest)
-        return True
+        return None
     warnings.warn(
-        f"the cached {dst} is not the file that was downloaded ({why}); it was deleted and will be downloaded "
-        f"again from {url}",
+        f"the cached {dst} is not the file that was downloaded ({problem}); it was deleted and will be "
+        f"downloaded again from {url}",
         stacklevel=4,
     )
-    try:
+    with netlimits.writing_cache(dst.parent):
         dst.unlink(missing_ok=True)
         record_path(dst).unlink(missing_ok=True)
-    except PermissionError as e:
-        raise netlimits.not_writable(dst.parent, e) from e
-    return False
+    return problem
 
 
 def clean_partials(dst: Path) -> None:
@@ -237,18 +285,21 @@ def _download_with_retries(
 
 
 def _download_once(url: str, dst: Path, hash_prefix: str | None, progress: bool, deadline: Deadline) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=dst.name + PARTIAL_INFIX, suffix=".partial", dir=dst.parent)
+    # Writes into the cache (writing_cache) raise our errors and are never retried; network errors are sorted
+    # out below, so that a firewall's EPERM, say, is not taken for an unwritable cache.
+    with netlimits.writing_cache(dst.parent):
+        fd, tmp_name = tempfile.mkstemp(prefix=dst.name + PARTIAL_INFIX, suffix=".partial", dir=dst.parent)
     tmp = Path(tmp_name)
+    out = os.fdopen(fd, "wb")
     try:
         sha = hashlib.sha256()
         received, total = 0, None
         timeout = max(0.05, min(netlimits.read_timeout(), deadline.left()))
         try:
             request = urllib.request.Request(url, headers={"User-Agent": "deit-registry"})
-            with urllib.request.urlopen(request, timeout=timeout) as response, os.fdopen(fd, "wb") as out:
-                fd = -1
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 length = response.headers.get("Content-Length")
-                total = int(length) if length and length.isdigit() else None
+                total = int(length) if length and length.isascii() and length.isdigit() else None
                 bar = _progress_bar(total, dst.name) if progress else None
                 try:
                     while True:
@@ -261,7 +312,8 @@ def _download_once(url: str, dst: Path, hash_prefix: str | None, progress: bool,
                         chunk = response.read1(1 << 20)
                         if not chunk:
                             break
-                        out.write(chunk)
+                        with netlimits.writing_cache(dst.parent):
+                            out.write(chunk)
                         sha.update(chunk)
                         received += len(chunk)
                         if bar is not None:
@@ -269,6 +321,10 @@ def _download_once(url: str, dst: Path, hash_prefix: str | None, progress: bool,
                 finally:
                     if bar is not None:
                         bar.close()
+            with netlimits.writing_cache(dst.parent):
+                out.close()  # its last flush may find the disk full
+        except WeightsError:  # a cache write that failed
+            raise
         except urllib.error.HTTPError as e:
             if e.code in _RETRY_STATUS:
                 raise _Transient(f"HTTP {e.code} {e.reason}") from e
@@ -276,8 +332,10 @@ def _download_once(url: str, dst: Path, hash_prefix: str | None, progress: bool,
                 f"downloading {dst.name} from {url} failed: HTTP {e.code} {e.reason}. Check the URL (or "
                 f"DEIT_REGISTRY_URL_ROOT) and try again, or download the file yourself and pass weights=PATH"
             ) from e
-        except PermissionError as e:
-            raise netlimits.not_writable(dst.parent, e) from e
+        except http.client.InvalidURL as e:  # e.g. a space in it: permanent
+            raise InvalidSourceError(
+                f"{url!r} is not a valid URL ({e}). Quote it (a space is %20), or check DEIT_REGISTRY_URL_ROOT"
+            ) from e
         except http.client.IncompleteRead as e:  # a chunked body cut short
             raise _Transient(f"the connection dropped mid-body ({received} bytes received, {e!r})") from e
         except (http.client.HTTPException, urllib.error.URLError, OSError, ValueError) as e:
@@ -302,10 +360,11 @@ def _download_once(url: str, dst: Path, hash_prefix: str | None, progress: bool,
         _write_record(
             dst, url, received, digest
         )  # the record first: a file under its name is always recorded
-        os.replace(tmp, dst)
+        with netlimits.writing_cache(dst.parent):
+            os.replace(tmp, dst)
     finally:
-        if fd >= 0:
-            os.close(fd)
+        with contextlib.suppress(OSError):  # already failed: the error raised says why
+            out.close()
         tmp.unlink(missing_ok=True)
 
 
