@@ -239,6 +239,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ predict
 def _top_classes(probs: torch.Tensor, k: int) -> list[dict[str, Any]]:
     names = imagenet_class_names()
+    names = names if probs.numel() == len(names) else ()  # another head's classes have no ImageNet names
     values, indices = probs.topk(min(k, probs.numel()))
     return [
         {
@@ -449,6 +450,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     dataset = ImageFolder(args.data, eval_transform(v), num_classes=v.weights.num_classes)
     device = _device(args.device)
     model = _load_model(v, args.weights, device)
+    if model.num_classes != v.weights.num_classes:  # a fine-tuned checkpoint's classes
+        dataset = ImageFolder(args.data, eval_transform(v), num_classes=model.num_classes)
     result = evaluate(
         model,
         dataset,

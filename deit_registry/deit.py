@@ -197,7 +197,8 @@ def build_deit(variant: str | Variant, pretrained: bool = False, **kwargs: Any) 
             from .weights import load_pretrained
 
             source = load_options.pop("weights", None)
-            model = load_pretrained(variant, model_options, source=source, **load_options)
+            # the options as given: what they leave out (num_classes, norm_eps) the checkpoint may decide
+            model = load_pretrained(variant, options, source=source, **load_options)
             if device is not None:
                 model.to(device)
         else:

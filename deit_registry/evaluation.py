@@ -7,6 +7,9 @@ The tree has one folder per class with the images inside (ImageNet validation la
   (so a subset of the classes still gets the right labels);
 * an integer (``0`` ... ``999``): that label.
 
+Synset folders need a 1000-class model; a model with other classes takes integer folders. Folders are followed
+through symbolic links, as ``torchvision.datasets.ImageFolder`` does.
+
 ::
 
     from deit_registry.evaluation import ImageFolder, evaluate
@@ -51,6 +54,11 @@ def folder_labels(class_dirs: list[str], num_classes: int = 1000) -> dict[str, i
     if not class_dirs:
         raise DatasetError("no class folders found")
     if all(_SYNSET.match(d) for d in class_dirs):
+        if num_classes != 1000:
+            raise DatasetError(
+                f"synset folders ({class_dirs[0]}, ...) name ImageNet-1k classes, but the model has {num_classes}; "
+                f"name the class folders by the model's label indices (0 to {num_classes - 1})"
+            )
         index = {s: i for i, s in enumerate(imagenet_synsets())}
         unknown = [d for d in class_dirs if d not in index]
         if unknown:
@@ -78,6 +86,19 @@ def folder_labels(class_dirs: list[str], num_classes: int = 1000) -> dict[str, i
     )
 
 
+def _walk(top: str):
+    """``os.walk`` following symbolic links to folders, as torchvision's ImageFolder does, each real folder
+    once (a link back up the tree would otherwise never end)."""
+    seen = set()
+    for dirpath, dirnames, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        yield dirpath, dirnames, files
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """``root/<class folder>/<image>`` -> ``(transform(image), label)``, files in sorted order."""
 
@@ -95,7 +116,7 @@ class ImageFolder(torch.utils.data.Dataset):
         labels = folder_labels(class_dirs, num_classes)
         self.samples: list[tuple[str, int]] = []
         for d in class_dirs:
-            for dirpath, _, files in sorted(os.walk(os.path.join(root, d))):
+            for dirpath, _, files in sorted(_walk(os.path.join(root, d))):
                 for f in sorted(files):
                     if f.lower().endswith(IMAGE_EXTENSIONS):
                         self.samples.append((os.path.join(dirpath, f), labels[d]))
@@ -157,6 +178,11 @@ def evaluate(
     for images, labels in _batches(loader):
         logits = model(images.to(device))
         labels = labels.to(logits.device)
+        if len(labels) and int(labels.max()) >= logits.shape[-1]:
+            raise DatasetError(
+                f"label {int(labels.max())} is outside the model's {logits.shape[-1]} classes; evaluate on a "
+                f"folder of its classes, or with the model trained for these labels"
+            )
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         hits = top == labels[:, None]
         correct1 += int(hits[:, 0].sum())

@@ -50,6 +50,10 @@ class AttentionRecorder:
 
     def _hook(self, index: int):
         def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if (
+                index == 0
+            ):  # a new pass: a pass that stops early must not leave the deeper maps of an older one
+                self._maps = [None] * len(self.layers)
             self._maps[index] = attention_probabilities(self.layers[index], args[0])
 
         return record
@@ -57,9 +61,15 @@ class AttentionRecorder:
     @property
     def maps(self) -> list[torch.Tensor]:
         """Attention probabilities of the last forward pass, one ``[B, heads, N, N]`` tensor per layer."""
-        if any(m is None for m in self._maps):
+        if all(m is None for m in self._maps):
             raise RuntimeError(
                 "no attention recorded yet: run a forward pass inside the `with attention_maps(model)`"
+            )
+        if any(m is None for m in self._maps):
+            missing = [i for i, m in enumerate(self._maps) if m is None]
+            raise RuntimeError(
+                f"the last forward pass stopped before attention layer(s) {missing}; run a full forward pass "
+                f"(not stop_early, or indices short of the last block) to record every layer"
             )
         return list(self._maps)  # type: ignore[arg-type]
 

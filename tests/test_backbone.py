@@ -253,6 +253,17 @@ def test_attention_maps_equal_hand_softmax(model, x):
         _ = rec.maps
 
 
+def test_attention_maps_never_mix_two_passes(model, x):
+    """A pass that stops early records the first layers only: the deeper maps of an older pass are dropped."""
+    with attention_maps(model) as rec:
+        model(x)
+        model.forward_intermediates(torch.flip(x, dims=[0]), indices=[0], stop_early=True)
+        with pytest.raises(RuntimeError, match=r"stopped before attention layer\(s\) \[1"):
+            _ = rec.maps
+        model(x)
+        assert len(rec.maps) == len(model.blocks)
+
+
 def test_attention_maps_are_detached(model, x):
     """With autograd on, the maps keep no graph alive and the model's gradients are those without recording."""
     model(x).sum().backward()

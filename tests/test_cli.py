@@ -379,6 +379,24 @@ def test_folder_labels() -> None:
         folder_labels(["n01440764", "17"])
     with pytest.raises(DatasetError, match="outside"):
         folder_labels(["1000"])
+    with pytest.raises(DatasetError, match="synset folders .* but the model has 10"):
+        folder_labels(["n01440764"], num_classes=10)
+
+
+def test_image_folder_follows_links_as_torchvision_and_labels_fit_the_model(tmp_path: Path) -> None:
+    from deit_registry.evaluation import ImageFolder, evaluate
+
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "elsewhere" / "linked.png")
+    (tmp_path / "data" / "3" / "real").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "3" / "real" / "r.png")
+    (tmp_path / "data" / "3" / "link").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "data" / "3" / "real" / "loop").symlink_to(tmp_path / "data" / "3")  # walked once
+    data = ImageFolder(tmp_path / "data", lambda im: torch.zeros(3, 4, 4))
+    assert sorted(Path(p).name for p, _ in data.samples) == ["linked.png", "r.png"]
+    three = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))  # labels 0-2 only
+    with pytest.raises(DatasetError, match="label 3 is outside the model's 3 classes"):
+        evaluate(three, data, batch_size=2, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------ errors

@@ -3,6 +3,7 @@ destination, and a corrupt image under ``validate --workers``: one clear line an
 
 from __future__ import annotations
 
+import json
 import struct
 import subprocess
 import sys
@@ -199,3 +200,30 @@ def test_a_file_name_that_is_not_utf8_prints_under_a_strict_stdout(tmp_path, che
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.decode("ascii").startswith(f"{tmp_path}/bad\\xff\\xfename.png  ({TINY})\n")
+
+
+# ------------------------------------------------------------------------------------ a fine-tuned checkpoint
+def test_a_fine_tuned_checkpoint_is_used_with_its_own_classes(tmp_path):
+    """A 3-class checkpoint: its trained head, not a random 1000-class one; labels, not ImageNet names."""
+    import deit_registry as dr
+
+    torch.manual_seed(0)
+    model = dr.create_model(TINY, num_classes=3).eval()
+    with torch.no_grad():  # ranks class 2 first for every image
+        model.head.bias.copy_(torch.tensor([0.0, 10.0, 20.0]))
+    torch.save({"model": model.state_dict()}, tmp_path / "ft3.pth")
+    Image.new("RGB", (64, 48), (120, 30, 200)).save(tmp_path / "a.png")
+    shown = _cli("predict", TINY, str(tmp_path / "a.png"), "--weights", str(tmp_path / "ft3.pth"), ok=True)
+    assert "UserWarning" not in shown.stderr
+    first = next(line for line in shown.stdout.splitlines() if line.startswith("1."))
+    assert first.split()[1:3] == ["2", "(2)"], shown.stdout  # the label index, no ImageNet name
+    for label in ("0", "2"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        Image.new("RGB", (64, 48), (90, 90, 90)).save(tmp_path / "data" / label / "x.png")
+    args = ["validate", TINY, "--data", str(tmp_path / "data"), "--weights", str(tmp_path / "ft3.pth")]
+    record = json.loads(_cli(*args, "-q", "--workers", "0", "--json", ok=True).stdout)
+    assert (record["images"], record["correct_top1"], record["correct_top5"]) == (2, 1, 2)
+    (tmp_path / "synsets" / "n01440764").mkdir(parents=True)  # ImageNet classes: not this model's
+    Image.new("RGB", (64, 48), (90, 90, 90)).save(tmp_path / "synsets" / "n01440764" / "x.png")
+    args[3] = str(tmp_path / "synsets")
+    assert "synset folders" in _one_line_error(_cli(*args, "-q"))

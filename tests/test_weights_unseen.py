@@ -250,3 +250,18 @@ def test_save_pretrained_with_average_pooling_reads_back_in_timm(tmp_path):
         warnings.simplefilter("always")
         weights.save_pretrained(_model(TINY_D, global_pool="avg"), tmp_path / "distilled", name=TINY_D)
     assert any("timm cannot build this model" in str(w.message) for w in caught)
+
+
+def test_a_fine_tuned_checkpoint_keeps_its_classes_unless_told_otherwise(tmp_path):
+    """Without ``num_classes=`` the checkpoint's classifier is the model's (not a random 1000-class head);
+    with another ``num_classes=`` the heads are dropped with a warning, as documented."""
+    source = _model(num_classes=3)
+    torch.save({"model": source.state_dict()}, tmp_path / "ft3.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = dr.create_model(TINY, pretrained=True, weights=tmp_path / "ft3.pth", **SMALL).eval()
+    assert model.num_classes == 3
+    x = torch.randn(1, 3, 224, 224)
+    assert torch.equal(model(x), source(x))
+    with pytest.warns(UserWarning, match="dropped the checkpoint's classifier"):
+        dr.create_model(TINY, pretrained=True, weights=tmp_path / "ft3.pth", num_classes=1000, **SMALL)

@@ -97,8 +97,13 @@ def load_pretrained(
     if source is None and config is None:  # the published file is at the variant's size, whatever its grid
         config = {"image_size": variant.arch.img_size, "patch_size": variant.arch.patch_size}
     eps = _config_eps(config, file)
-    if eps is not None and "norm_eps" not in (options or {}):
+    given = options or {}
+    if eps is not None and "norm_eps" not in given:
         opts["norm_eps"] = eps
+        skeleton = _skeleton(opts)
+    classes = _checkpoint_classes(state_dict)
+    if classes not in (None, opts["num_classes"]) and "num_classes" not in given and "head" not in given:
+        opts["num_classes"] = classes  # a fine-tuned checkpoint: its classifier, not a random 1000-class one
         skeleton = _skeleton(opts)
     state_dict, fresh = _adapt_and_validate(
         state_dict, skeleton, file, config, convert_distillation, variant.name
@@ -112,6 +117,11 @@ def load_pretrained(
         skeleton.load_state_dict(_own_memory(state_dict, source), strict=True, assign=True)
         model = skeleton
     return model
+
+
+def _checkpoint_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    head = state_dict.get("head.weight")
+    return int(head.shape[0]) if head is not None and head.dim() == 2 else None
 
 
 def _adapt_and_validate(
