@@ -409,9 +409,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     ]
     figure = render_attention_figure(transform.crop_image(image), heat, title, labels)
     figure.save(args.output, format="PNG")
-    print(
-        f"wrote {_shown(args.output)} ({figure.size[0]}x{figure.size[1]}): {heat.shape[0] - 1} heads + mean, layer {layer}"
-    )
+    size = f"{figure.size[0]}x{figure.size[1]}"
+    print(f"wrote {_shown(args.output)} ({size}): {heat.shape[0] - 1} heads + mean, layer {layer}")
     print(f"top class: {top['class']} ({top['label']}) {100 * top['probability']:.2f}%")
     return 0
 

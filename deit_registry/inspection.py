@@ -50,9 +50,8 @@ class AttentionRecorder:
 
     def _hook(self, index: int):
         def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if (
-                index == 0
-            ):  # a new pass: a pass that stops early must not leave the deeper maps of an older one
+            # A new pass: one that stops early must not leave the deeper maps of an older one.
+            if index == 0:
                 self._maps = [None] * len(self.layers)
             self._maps[index] = attention_probabilities(self.layers[index], args[0])
 

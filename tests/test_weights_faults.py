@@ -881,7 +881,7 @@ def test_6_a_cached_hub_id_loads_while_the_hub_is_unreachable(env, server, monke
         HubUnreachableError, match="cannot connect to the Hub .*hf-hub:facebook/never.* no weights"
     ):
         _load("hf-hub:facebook/never")
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 5.0  # not huggingface_hub's ~25 s of retries
 
 
 def test_6_huggingface_hub_imported_offline_is_named(env, server, monkeypatch, st, pth):
