@@ -353,6 +353,11 @@ def _plain_to_distilled(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
+def one_head_beside_dist_token(sd: Mapping[str, torch.Tensor]) -> bool:
+    """transformers' ``DeiTForImageClassification``: a distillation token, one classifier (on the class token)."""
+    return "dist_token" in sd and "head.weight" in sd and not any(k.startswith("head_dist.") for k in sd)
+
+
 def _fit_heads(
     sd: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor], file: str | Path
 ) -> set[str]:
@@ -367,8 +372,7 @@ def _fit_heads(
     )
     if fits:
         return {"mask_token"} & set(model_head) - set(sd)
-    one_head = all(k.startswith("head.") for k in ckpt_head)
-    if ckpt_head and one_head and "head_dist.weight" in model_head and "dist_token" in sd:
+    if "head_dist.weight" in model_head and one_head_beside_dist_token(sd):
         if all(
             k in model_head and tuple(v.shape) == tuple(model_head[k].shape) for k, v in ckpt_head.items()
         ):

@@ -96,14 +96,17 @@ def load_pretrained(
     state_dict, file, config = _read(source, variant, progress, ema)
     if source is None and config is None:  # the published file is at the variant's size, whatever its grid
         config = {"image_size": variant.arch.img_size, "patch_size": variant.arch.patch_size}
+    # What the options leave out, the checkpoint decides: the eps it was saved with, and a fine-tune's
+    # classifier (not a random 1000-class one).
+    given, derived = options or {}, {}
     eps = _config_eps(config, file)
-    given = options or {}
     if eps is not None and "norm_eps" not in given:
-        opts["norm_eps"] = eps
-        skeleton = _skeleton(opts)
+        derived["norm_eps"] = eps
     classes = _checkpoint_classes(state_dict)
-    if classes not in (None, opts["num_classes"]) and "num_classes" not in given and "head" not in given:
-        opts["num_classes"] = classes  # a fine-tuned checkpoint: its classifier, not a random 1000-class one
+    if classes is not None and "num_classes" not in given and "head" not in given:
+        derived["num_classes"] = classes
+    if any(opts.get(k) != v for k, v in derived.items()):
+        opts.update(derived)
         skeleton = _skeleton(opts)
     state_dict, fresh = _adapt_and_validate(
         state_dict, skeleton, file, config, convert_distillation, variant.name

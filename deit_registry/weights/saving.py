@@ -157,7 +157,7 @@ def convert(
     path = sources.resolve(name, src)
     ckpt = formats.read_checkpoint(path, ema=ema)
     sd = conversion.to_official(ckpt.state_dict)
-    if "dist_token" in sd and "head.weight" in sd and "head_dist.weight" not in sd:
+    if conversion.one_head_beside_dist_token(sd):
         raise CheckpointMismatchError(
             f"{path} has one classifier beside its distillation token (as transformers' "
             f"DeiTForImageClassification); timm's distilled DeiT has two heads, so timm's layout cannot hold it. "
@@ -173,8 +173,8 @@ def convert(
             )
     variant = get_variant(name)
     options: dict[str, Any] = {}
-    head = sd.get("head.weight")
-    options["num_classes"] = int(head.shape[0]) if head is not None else 0
+    if "head.weight" not in sd:  # a backbone: no classifier (else load_pretrained takes the checkpoint's)
+        options["num_classes"] = 0
     pos = sd.get("pos_embed")
     prefix = 2 if "dist_token" in sd else 1
     if pos is not None and pos.shape[1] - prefix != (variant.arch.img_size // variant.arch.patch_size) ** 2:
