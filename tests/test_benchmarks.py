@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
@@ -119,8 +120,28 @@ def test_inference_benchmark_alternates_which_side_runs_first():
     fns = {name: (lambda name=name: calls.append(name)) for name in ("ours", "timm")}
     samples = inference.timed_alternately(fns, repeats=3, device=torch.device("cpu"), target_s=0, budget_s=0)
     assert {name: len(s) for name, s in samples.items()} == {"ours": 3, "timm": 3}
-    # one calibrating call each, then one sample per side and round, the order reversed every round
-    assert calls == ["ours", "timm", "ours", "timm", "timm", "ours", "ours", "timm"]
+    # one sample per side and round, the order reversed every round; the calibrating calls are round 0
+    assert calls == ["ours", "timm", "timm", "ours", "ours", "timm"]
+    calls.clear()
+    inference.timed_alternately(fns, repeats=3, device=torch.device("meta"), target_s=0, budget_s=0)
+    assert calls == ["ours", "timm", "ours", "timm", "timm", "ours", "ours", "timm"]  # a GPU calibrates apart
+
+
+def test_inference_benchmark_caps_the_slow_rows_at_three_rounds():
+    """Rows whose rounds take long (deit_base at batch 32 on a 2-vCPU machine) are steady: three rounds, not
+    ``repeats``, once ``repeats`` would pass the row's cap; quick rows still get up to five times more."""
+    inference = load_script("inference")
+
+    def sleeper(seconds: float):
+        return lambda: time.sleep(seconds)
+
+    slow = inference.timed_alternately(
+        {"a": sleeper(0.05)}, repeats=9, device=torch.device("cpu"), target_s=0, budget_s=0, row_cap_s=0.2
+    )
+    quick = inference.timed_alternately(
+        {"a": sleeper(0.001)}, repeats=2, device=torch.device("cpu"), target_s=0, budget_s=0.02, row_cap_s=60
+    )
+    assert len(slow["a"]) == 3 and len(quick["a"]) >= 5
 
 
 def test_inference_benchmark_row_reports_the_spread_of_its_rounds(monkeypatch):
