@@ -28,7 +28,7 @@ outputs are checked to agree). Modes, each a row per variant and batch size:
 
 Ours and timm's run alternately in one process (the machine may be shared: only ratios within a run mean
 much); every figure is a median over ``--repeats`` rounds, or up to five times as many where they take
-little time, and ``range`` gives the lowest and highest of the rounds' speedups (how noisy the row was).
+little time, or three where they would take over a minute, and ``range`` gives the lowest and highest of the rounds' speedups (how noisy the row was).
 ``ready s`` is the time from the untouched model to the first output (compiling included). The modes that
 change numerics are then compared with fp32 on a small DeiT trained on scikit-learn's digits in the
 same run (``benchmarks/agreement.py``): random weights have no meaningful top-1.
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         "--repeats",
         type=int,
         default=5,
-        help="rounds per row at least (medians reported; quick rows get more)",
+        help="rounds per row (medians reported; quick rows get more, rows past a minute 3)",
     )
     parser.add_argument(
         "--sample-seconds", type=float, default=3.0, help="time per row for extra samples of the quick rows"
