@@ -169,11 +169,9 @@ def timed_alternately(
     repeats = max(repeats, min(5 * repeats, int(budget_s / round_s)))
     if repeats * round_s > row_cap_s:
         repeats = min(repeats, max(3, int(row_cap_s / round_s)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    first = 0
-    if device.type == "cpu" and all(n == 1 for n in inner.values()):  # they ran in round 0's order
-        samples = {name: [per_call[name]] for name in fns}
-        first = 1
+    # The calibrating calls ran in round 0's order: on the CPU, single calls, they are its samples.
+    first = int(device.type == "cpu" and all(n == 1 for n in inner.values()))
+    samples = {name: [per_call[name]] * first for name in fns}
     for round_ in range(first, repeats):
         for name, fn in list(fns.items())[:: -1 if round_ % 2 else 1]:
             start = time.perf_counter()
